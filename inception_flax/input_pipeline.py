@@ -1,0 +1,479 @@
+"""tf.data input pipeline with Inception preprocessing.
+
+Sources:
+  * Any TFDS dataset by name (`imagenet2012`, `imagenette`, `inception_digits`,
+    ...) with `image` and `label` features, read from `data_dir`.
+  * A folder of images, `folder:/path/to/root`, laid out as
+    `root/<split>/<label>/<image>.{jpg,jpeg,png}` (`tfds.folder_dataset`).
+
+Every element is a flat dict of tensors:
+  * `image`: float32 [B, H, W, 3], values in [-1, 1].
+  * `label`: int32 [B].
+  * `mask`: float32 [B], 1 for real examples and 0 for eval padding.
+
+Images are decoded by this pipeline (TFDS decoding is skipped) so that images
+that fail to decode or preprocess are dropped instead of crashing the run.
+Each dropped image increments a `SkipCounter` returned with the dataset.
+
+Augmentation randomness is stateless and derived from (seed, process index,
+position of the example in the stream), so with `deterministic=True` a seed
+fixes the exact batches, and a restored iterator (see
+`create_checkpointable_iterator`) continues with the same batches.
+
+Importing this module hides GPUs from TensorFlow (see `inception_flax.data`).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Optional
+
+from clu import data as clu_data
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# Hides GPUs from TensorFlow and registers `inception_digits`.
+from inception_flax import data as _data  # pylint: disable=unused-import
+
+FOLDER_PREFIX = 'folder:'
+
+# Examples are preprocessed in groups of this size inside the error guard
+# (see `_guard`), which amortises its per-group cost.
+_GUARD_GROUP_SIZE = 32
+
+# A crop window, int32 [offset_y, offset_x, height, width].
+WindowFn = Callable[[tf.Tensor], tf.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Options of the Inception preprocessing.
+
+    Attributes:
+        area_range: Range of the fraction of the image area that a random
+            training crop covers.
+        aspect_ratio_range: Range of width / height of a random training crop.
+        max_attempts: Attempts to sample a valid random crop before falling
+            back to the central crop.
+        random_flip: Whether training images are flipped left-right at random.
+        central_fraction: Fraction of height and width kept by the evaluation
+            central crop (also the training fallback crop).
+    """
+
+    area_range: tuple[float, float] = (0.05, 1.0)
+    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
+    max_attempts: int = 10
+    random_flip: bool = True
+    central_fraction: float = 0.875
+
+
+class SkipCounter:
+    """Counts images dropped because they could not be decoded/preprocessed.
+
+    The count lives in a TensorFlow variable updated by the pipeline as it
+    processes examples, so it includes examples still in prefetch buffers and
+    counts a broken training image again in every epoch. It is local to the
+    process and not part of iterator checkpoints (it restarts at 0).
+    """
+
+    def __init__(self):
+        self._variable = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    @property
+    def count(self) -> int:
+        """Returns the number of skipped images so far."""
+        return int(self._variable.numpy())
+
+    def keep_valid(self, example: dict[str, tf.Tensor],
+                   valid: tf.Tensor) -> tf.Tensor:
+        """Filter predicate: counts an invalid example and returns `valid`."""
+        del example  # Unused.
+        increment = self._variable.assign_add(
+            tf.cast(tf.logical_not(valid), tf.int64))
+        with tf.control_dependencies([increment]):
+            return tf.identity(valid)
+
+
+def get_builder(dataset_name: str,
+                data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+    """Returns the TFDS builder for a dataset name or a `folder:` root.
+
+    Args:
+        dataset_name: A TFDS name (e.g. `imagenet2012`) or `folder:<root>`.
+        data_dir: TFDS data directory; ignored for folders.
+    """
+    if dataset_name.startswith(FOLDER_PREFIX):
+        root = dataset_name[len(FOLDER_PREFIX):]
+        return tfds.folder_dataset.ImageFolder(root)
+    return tfds.builder(dataset_name, data_dir=data_dir)
+
+
+def prepare_dataset(dataset_name: str, data_dir: Optional[str] = None) -> None:
+    """Prepares a TFDS dataset in `data_dir` if needed; folders need nothing.
+
+    For `inception_digits` this works offline and takes seconds.
+    """
+    builder = get_builder(dataset_name, data_dir)
+    if not isinstance(builder, tfds.folder_dataset.ImageFolder):
+        builder.download_and_prepare()
+
+
+def num_examples(dataset_name: str, split: str,
+                 data_dir: Optional[str] = None) -> Optional[int]:
+    """Returns the number of examples of a split, over all processes.
+
+    Args:
+        dataset_name: A TFDS name or `folder:<root>`.
+        split: Split name or TFDS sub-split (e.g. `train[:90%]`).
+        data_dir: TFDS data directory.
+
+    Returns:
+        The count from the builder's info, or None if unknown (e.g. under
+        `tfds.testing.mock_data`).
+    """
+    splits = get_builder(dataset_name, data_dir).info.splits
+    try:
+        count = splits[split].num_examples
+    except (KeyError, ValueError):
+        return None
+    return count or None
+
+
+def num_classes(dataset_name: str,
+                data_dir: Optional[str] = None) -> Optional[int]:
+    """Returns the number of classes of the `label` feature, if known."""
+    features = get_builder(dataset_name, data_dir).info.features
+    return features['label'].num_classes or None
+
+
+def eval_num_batches(num_eval_examples: int, batch_size: int,
+                     process_count: int) -> int:
+    """Returns how many batches the largest process shard needs.
+
+    Pass it as `pad_to_num_batches` so that every process runs the same
+    number of evaluation steps.
+
+    Args:
+        num_eval_examples: Examples in the whole evaluation split.
+        batch_size: Per-process batch size.
+        process_count: Number of processes sharing the split.
+    """
+    largest_shard = math.ceil(num_eval_examples / process_count)
+    return math.ceil(largest_shard / batch_size)
+
+
+def create_split(
+    dataset_name: str,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    train: bool,
+    data_dir: Optional[str] = None,
+    preprocessing: Preprocessing = Preprocessing(),
+    shuffle_buffer: int = 10_000,
+    seed: int = 0,
+    deterministic: bool = True,
+    threadpool_size: Optional[int] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    pad_to_num_batches: Optional[int] = None,
+) -> tuple[tf.data.Dataset, SkipCounter]:
+    """Creates this process' dataset of preprocessed batches for a split.
+
+    Training: the process shard is shuffled (seeded), repeated forever,
+    augmented (random crop, optional flip) and batched with
+    `drop_remainder=True`; `mask` is all ones. Evaluation: one pass in a fixed
+    order, central crop; the last batch is padded to `batch_size` with
+    `mask` 0, so every example of the shard is seen exactly once.
+
+    Args:
+        dataset_name: A TFDS name or `folder:<root>`.
+        split: Split name; TFDS datasets also accept sub-splits.
+        batch_size: Per-process batch size.
+        image_size: Output height and width.
+        train: Whether to build the training pipeline.
+        data_dir: TFDS data directory (the dataset must be prepared).
+        preprocessing: Crop and flip options.
+        shuffle_buffer: Shuffle buffer size (training only).
+        seed: Seed of file order, shuffling and augmentation.
+        deterministic: Whether element order is deterministic.
+        threadpool_size: Size of a private tf.data threadpool; None uses
+            TensorFlow's shared pool.
+        process_index: This process' shard; defaults to
+            `jax.process_index()`.
+        process_count: Number of shards; defaults to `jax.process_count()`.
+        pad_to_num_batches: Evaluation only: append all-padding batches up to
+            this many batches (see `eval_num_batches`).
+
+    Returns:
+        The dataset and the counter of skipped (undecodable) images.
+
+    Raises:
+        ValueError: If `pad_to_num_batches` is too small for the split.
+    """
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    _check_num_batches(dataset_name, split, data_dir, batch_size,
+                       process_count, pad_to_num_batches)
+    builder = get_builder(dataset_name, data_dir)
+    ds = _read_shard(builder, split, train=train, seed=seed,
+                     process_index=process_index, process_count=process_count)
+    if train:
+        ds = ds.shuffle(shuffle_buffer, seed=seed,
+                        reshuffle_each_iteration=True).repeat()
+    ds, counter = _preprocess(
+        ds, train=train, image_size=image_size, preprocessing=preprocessing,
+        base_seed=tf.constant([seed, process_index], tf.int64))
+    ds = _batch(ds, batch_size, train=train,
+                pad_to_num_batches=pad_to_num_batches)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(deterministic, threadpool_size)), counter
+
+
+def create_checkpointable_iterator(
+        ds: tf.data.Dataset) -> clu_data.TfDatasetIterator:
+    """Wraps a dataset in an iterator whose position can be saved/restored.
+
+    `save(path)` / `restore(path)` store the full tf.data iterator state
+    (including the shuffle buffer of encoded images, so checkpoints grow with
+    `shuffle_buffer`). Must be used synchronously, without async prefetching.
+    """
+    return clu_data.TfDatasetIterator(ds, checkpoint=True)
+
+
+def _check_num_batches(dataset_name: str, split: str, data_dir: Optional[str],
+                       batch_size: int, process_count: int,
+                       pad_to_num_batches: Optional[int]) -> None:
+    """Raises ValueError if padding to `pad_to_num_batches` would drop data."""
+    if pad_to_num_batches is None:
+        return
+    total = num_examples(dataset_name, split, data_dir)
+    if total is None:
+        return
+    needed = eval_num_batches(total, batch_size, process_count)
+    if pad_to_num_batches < needed:
+        raise ValueError(f'pad_to_num_batches={pad_to_num_batches} is less '
+                         f'than the {needed} batches needed for {split}.')
+
+
+def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
+                seed: int, process_index: int,
+                process_count: int) -> tf.data.Dataset:
+    """Reads this process' shard as {'image': encoded or uint8, 'label'}."""
+    decoders = None
+    if isinstance(builder.info.features['image'], tfds.features.Image):
+        decoders = {'image': tfds.decode.SkipDecoding()}
+    if isinstance(builder, tfds.folder_dataset.ImageFolder):
+        # ImageFolder supports neither sub-splits nor seeded file shuffling.
+        ds = builder.as_dataset(split=split, decoders=decoders)
+        ds = ds.shard(process_count, process_index)
+    else:
+        shard = tfds.split_for_jax_process(
+            split, process_index=process_index, process_count=process_count)
+        ds = builder.as_dataset(split=shard, shuffle_files=train,
+                                decoders=decoders,
+                                read_config=tfds.ReadConfig(shuffle_seed=seed))
+    return ds.map(lambda ex: {
+        'image': ex['image'],
+        'label': tf.cast(ex['label'], tf.int32),
+    })
+
+
+def _preprocess(ds: tf.data.Dataset, *, train: bool, image_size: int,
+                preprocessing: Preprocessing,
+                base_seed: tf.Tensor) -> tuple[tf.data.Dataset, SkipCounter]:
+    """Decodes and preprocesses examples, dropping and counting failures."""
+    preprocess = _make_preprocess_fn(train, image_size, preprocessing,
+                                     base_seed)
+    counter = SkipCounter()
+    ds = ds.enumerate().batch(_GUARD_GROUP_SIZE).interleave(
+        _guard(preprocess, _placeholder(image_size)),
+        block_length=_GUARD_GROUP_SIZE, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.filter(counter.keep_valid), counter
+
+
+def _batch(ds: tf.data.Dataset, batch_size: int, *, train: bool,
+           pad_to_num_batches: Optional[int]) -> tf.data.Dataset:
+    """Batches `(example, valid)` elements into masked example batches."""
+    ds = ds.batch(batch_size, drop_remainder=train)
+    ds = ds.map(lambda example, _: _add_mask(example, batch_size),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    if pad_to_num_batches is not None and not train:
+        ds = _pad_num_batches(ds, pad_to_num_batches)
+    return ds
+
+
+def _make_preprocess_fn(
+    train: bool, image_size: int, preprocessing: Preprocessing,
+    base_seed: tf.Tensor
+) -> Callable[[tf.Tensor, dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """Returns `fn(index, example) -> example` with a float [-1, 1] image."""
+
+    def preprocess(index: tf.Tensor,
+                   example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+        crop_seed, flip_seed = tf.unstack(
+            tf.random.experimental.stateless_split(seed, 2))
+        if train:
+            window_fn = lambda shape: _random_window(shape, crop_seed,
+                                                     preprocessing)
+        else:
+            window_fn = lambda shape: _central_window(
+                shape, preprocessing.central_fraction)
+        image = _decode_and_crop(example['image'], window_fn)
+        image = tf.image.resize(image, [image_size, image_size],
+                                method='bilinear')
+        if train and preprocessing.random_flip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        image = tf.ensure_shape(image, [image_size, image_size, 3])
+        return {'image': image / 127.5 - 1.0, 'label': example['label']}
+
+    return preprocess
+
+
+def _guard(
+    fn: Callable[..., dict[str, tf.Tensor]],
+    placeholder: dict[str, tf.Tensor],
+) -> Callable[..., tf.data.Dataset]:
+    """Makes `fn` failure-tolerant, for use with `Dataset.interleave`.
+
+    The returned function takes a group of batched `fn` arguments and yields
+    exactly one `(result, valid)` element per group member: `(fn(*args),
+    True)` for each success, in order, then `(placeholder, False)` for each
+    member where `fn` raised a runtime error (e.g. a corrupt image), so that
+    failures can be counted before they are filtered out.
+    """
+
+    def guarded(*group: tf.Tensor) -> tf.data.Dataset:
+        size = tf.shape(group[0], out_type=tf.int64)[0]
+        results = tf.data.Dataset.from_tensor_slices(group).map(
+            lambda *args: (fn(*args), True)).ignore_errors(log_warning=True)
+        fallback = tf.data.Dataset.from_tensors((placeholder, False)).repeat()
+        return results.concatenate(fallback).take(size)
+
+    return guarded
+
+
+def _placeholder(image_size: int) -> dict[str, tf.Tensor]:
+    """Returns a dummy preprocessed example standing in for a failed one."""
+    return {
+        'image': tf.zeros([image_size, image_size, 3], tf.float32),
+        'label': tf.constant(0, tf.int32),
+    }
+
+
+def _decode_and_crop(image: tf.Tensor, window_fn: WindowFn) -> tf.Tensor:
+    """Decodes (if encoded) and crops an image to uint8 RGB.
+
+    Args:
+        image: Encoded image bytes, or a decoded uint8 [H, W, C] image (as
+            e.g. produced by `tfds.testing.mock_data`).
+        window_fn: Maps the int32 [height, width] of the image to its crop
+            window.
+
+    Returns:
+        The cropped uint8 image with 3 channels.
+    """
+    if image.dtype != tf.string:
+        return _to_rgb(_crop(image, window_fn(tf.shape(image)[:2])))
+    return tf.cond(tf.io.is_jpeg(image),
+                   lambda: _decode_and_crop_jpeg(image, window_fn),
+                   lambda: _decode_and_crop_any(image, window_fn))
+
+
+def _decode_and_crop_jpeg(data: tf.Tensor, window_fn: WindowFn) -> tf.Tensor:
+    """Decodes only the crop window of a JPEG, which is faster."""
+    window = window_fn(tf.image.extract_jpeg_shape(data)[:2])
+    return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+
+
+def _decode_and_crop_any(data: tf.Tensor, window_fn: WindowFn) -> tf.Tensor:
+    """Decodes a PNG/GIF/BMP (or JPEG) image, then crops it."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    return _crop(image, window_fn(tf.shape(image)[:2]))
+
+
+def _crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+    """Crops [H, W, C] to the window [offset_y, offset_x, height, width]."""
+    return tf.slice(image, tf.concat([window[:2], [0]], 0),
+                    tf.concat([window[2:], [-1]], 0))
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """Converts a grey or RGBA [H, W, C] image to RGB."""
+    if image.shape[-1] == 1:
+        return tf.image.grayscale_to_rgb(image)
+    return image[..., :3]
+
+
+def _central_window(shape: tf.Tensor, fraction: float) -> tf.Tensor:
+    """Returns the centred window keeping `fraction` of height and width."""
+    size = tf.maximum(tf.cast(tf.cast(shape, tf.float32) * fraction, tf.int32),
+                      1)
+    return tf.concat([(shape - size) // 2, size], 0)
+
+
+def _random_window(shape: tf.Tensor, seed: tf.Tensor,
+                   preprocessing: Preprocessing) -> tf.Tensor:
+    """Samples an Inception-style random crop window.
+
+    As in the reference Inception/ResNet preprocessing, when no window within
+    the area and aspect ratio ranges is found (the sampler then returns the
+    whole image), the central crop is used instead.
+    """
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.concat([shape, [3]], 0),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=preprocessing.area_range[0],
+        aspect_ratio_range=preprocessing.aspect_ratio_range,
+        area_range=preprocessing.area_range,
+        max_attempts=preprocessing.max_attempts,
+        use_image_if_no_bounding_boxes=True)
+    window = tf.concat([begin[:2], size[:2]], 0)
+    failed = tf.reduce_all(tf.equal(size[:2], shape))
+    return tf.where(failed,
+                    _central_window(shape, preprocessing.central_fraction),
+                    window)
+
+
+def _add_mask(batch: dict[str, tf.Tensor],
+              batch_size: int) -> dict[str, tf.Tensor]:
+    """Pads a (possibly partial) batch to `batch_size` and adds `mask`."""
+    real = tf.shape(batch['label'])[0]
+    batch = dict(batch, mask=tf.ones([real], tf.float32))
+    return {k: _pad_leading(v, batch_size) for k, v in batch.items()}
+
+
+def _pad_leading(x: tf.Tensor, size: int) -> tf.Tensor:
+    """Zero-pads the leading dimension of `x` to `size`."""
+    paddings = [[0, size - tf.shape(x)[0]]] + [[0, 0]] * (x.shape.rank - 1)
+    return tf.ensure_shape(tf.pad(x, paddings), [size, *x.shape[1:]])
+
+
+def _pad_num_batches(ds: tf.data.Dataset, num_batches: int) -> tf.data.Dataset:
+    """Appends all-padding batches (mask 0) up to `num_batches` batches."""
+    empty = {
+        k: tf.zeros(spec.shape, spec.dtype)
+        for k, spec in ds.element_spec.items()
+    }
+    filler = tf.data.Dataset.from_tensors(empty).repeat()
+    return ds.concatenate(filler).take(num_batches)
+
+
+def _options(deterministic: bool,
+             threadpool_size: Optional[int]) -> tf.data.Options:
+    """Returns the tf.data options of the pipeline."""
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.threading.max_intra_op_parallelism = 1
+    if threadpool_size is not None:
+        options.threading.private_threadpool_size = threadpool_size
+    # The SkipCounter variable is external state; it is not checkpointed.
+    options.experimental_external_state_policy = (
+        tf.data.experimental.ExternalStatePolicy.IGNORE)
+    return options

@@ -1,0 +1,177 @@
+"""Inception v3 and the "Rethinking" paper's Inception-v2.
+
+Szegedy et al., "Rethinking the Inception Architecture for Computer Vision" (2015).
+Block names follow the paper's figures: InceptionA is Fig. 5 (two 3x3 in place of
+5x5), InceptionB / InceptionD the grid reductions (Fig. 10), InceptionC Fig. 6
+(n x 1 factorisation, n = 7), InceptionE Fig. 7 (expanded filter bank, 8x8 grid).
+Inception-v2 is the same body with one 7x7/2 stem convolution, no BN in the
+auxiliary head's 5x5 convolution, and the paper's SGD baseline recipe.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+
+from inception_flax.models.layers import AuxHead, Common, InceptionNet, avg_pool, concat, max_pool
+
+
+class InceptionA(nn.Module):
+    """Fig. 5: 1x1 | 1x1 -> 5x5 | 1x1 -> 3x3 -> 3x3 | pool -> 1x1 (35x35 grid)."""
+
+    common: Common
+    pool_features: int
+    pool_include_pad: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv, d = self.common.conv, self.common.depth
+        b0 = conv(d(64), 1, name="Branch_0_1x1")(x, train)
+        b1 = conv(d(48), 1, name="Branch_1_1x1")(x, train)
+        b1 = conv(d(64), 5, name="Branch_1_5x5")(b1, train)
+        b2 = conv(d(64), 1, name="Branch_2_1x1")(x, train)
+        b2 = conv(d(96), 3, name="Branch_2_3x3a")(b2, train)
+        b2 = conv(d(96), 3, name="Branch_2_3x3b")(b2, train)
+        b3 = avg_pool(x, 3, count_include_pad=self.pool_include_pad)
+        b3 = conv(d(self.pool_features), 1, name="Branch_3_1x1")(b3, train)
+        return concat([b0, b1, b2, b3])
+
+
+class InceptionB(nn.Module):
+    """Fig. 10 grid reduction 35 -> 17: 3x3/2 | 1x1 -> 3x3 -> 3x3/2 | max-pool/2."""
+
+    common: Common
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv, d = self.common.conv, self.common.depth
+        b0 = conv(d(384), 3, strides=2, padding="VALID", name="Branch_0_3x3")(x, train)
+        b1 = conv(d(64), 1, name="Branch_1_1x1")(x, train)
+        b1 = conv(d(96), 3, name="Branch_1_3x3a")(b1, train)
+        b1 = conv(d(96), 3, strides=2, padding="VALID", name="Branch_1_3x3b")(b1, train)
+        b2 = max_pool(x, 3, 2)
+        return concat([b0, b1, b2])
+
+
+class InceptionC(nn.Module):
+    """Fig. 6 with n = 7: 7x7 convolutions factorised into 1x7 and 7x1 (17x17 grid)."""
+
+    common: Common
+    channels_7x7: int
+    pool_include_pad: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv, d = self.common.conv, self.common.depth
+        c7 = d(self.channels_7x7)
+        b0 = conv(d(192), 1, name="Branch_0_1x1")(x, train)
+        b1 = conv(c7, 1, name="Branch_1_1x1")(x, train)
+        b1 = conv(c7, (1, 7), name="Branch_1_1x7")(b1, train)
+        b1 = conv(d(192), (7, 1), name="Branch_1_7x1")(b1, train)
+        b2 = conv(c7, 1, name="Branch_2_1x1")(x, train)
+        b2 = conv(c7, (7, 1), name="Branch_2_7x1a")(b2, train)
+        b2 = conv(c7, (1, 7), name="Branch_2_1x7a")(b2, train)
+        b2 = conv(c7, (7, 1), name="Branch_2_7x1b")(b2, train)
+        b2 = conv(d(192), (1, 7), name="Branch_2_1x7b")(b2, train)
+        b3 = avg_pool(x, 3, count_include_pad=self.pool_include_pad)
+        b3 = conv(d(192), 1, name="Branch_3_1x1")(b3, train)
+        return concat([b0, b1, b2, b3])
+
+
+class InceptionD(nn.Module):
+    """Fig. 10 grid reduction 17 -> 8: 1x1 -> 3x3/2 | 1x1 -> 1x7 -> 7x1 -> 3x3/2 | max-pool/2."""
+
+    common: Common
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv, d = self.common.conv, self.common.depth
+        b0 = conv(d(192), 1, name="Branch_0_1x1")(x, train)
+        b0 = conv(d(320), 3, strides=2, padding="VALID", name="Branch_0_3x3")(b0, train)
+        b1 = conv(d(192), 1, name="Branch_1_1x1")(x, train)
+        b1 = conv(d(192), (1, 7), name="Branch_1_1x7")(b1, train)
+        b1 = conv(d(192), (7, 1), name="Branch_1_7x1")(b1, train)
+        b1 = conv(d(192), 3, strides=2, padding="VALID", name="Branch_1_3x3")(b1, train)
+        b2 = max_pool(x, 3, 2)
+        return concat([b0, b1, b2])
+
+
+class InceptionE(nn.Module):
+    """Fig. 7: expanded filter bank with parallel 1x3 / 3x1 outputs (8x8 grid)."""
+
+    common: Common
+    pool_include_pad: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv, d = self.common.conv, self.common.depth
+        b0 = conv(d(320), 1, name="Branch_0_1x1")(x, train)
+        b1 = conv(d(384), 1, name="Branch_1_1x1")(x, train)
+        b1 = concat([
+            conv(d(384), (1, 3), name="Branch_1_1x3")(b1, train),
+            conv(d(384), (3, 1), name="Branch_1_3x1")(b1, train),
+        ])
+        b2 = conv(d(448), 1, name="Branch_2_1x1")(x, train)
+        b2 = conv(d(384), 3, name="Branch_2_3x3")(b2, train)
+        b2 = concat([
+            conv(d(384), (1, 3), name="Branch_2_1x3")(b2, train),
+            conv(d(384), (3, 1), name="Branch_2_3x1")(b2, train),
+        ])
+        b3 = avg_pool(x, 3, count_include_pad=self.pool_include_pad)
+        b3 = conv(d(192), 1, name="Branch_3_1x1")(b3, train)
+        return concat([b0, b1, b2, b3])
+
+
+class InceptionV3(InceptionNet):
+    """Inception v3 (paper Table 1 with all Table 3 improvements); 299x299 input.
+
+    `pool_include_pad=True` averages over padded windows as the PyTorch ports do;
+    False is TF 'SAME' average pooling.
+    """
+
+    dropout_rate: float = 0.2
+    pool_include_pad: bool = True
+
+    min_image_size: ClassVar[int] = 75
+    factorized_stem: ClassVar[bool] = True
+    bn_in_aux_head: ClassVar[bool] = True
+
+    def stem(self, x: jax.Array, train: bool) -> jax.Array:
+        c = self.common
+        conv, d = c.conv, c.depth
+        if self.factorized_stem:
+            x = conv(d(32), 3, strides=2, padding="VALID", name="Conv2d_1a_3x3")(x, train)
+            x = conv(d(32), 3, padding="VALID", name="Conv2d_2a_3x3")(x, train)
+            x = conv(d(64), 3, name="Conv2d_2b_3x3")(x, train)
+        else:
+            x = conv(d(64), 7, strides=2, padding="VALID", name="Conv2d_1a_7x7")(x, train)
+        x = max_pool(x, 3, 2)
+        x = conv(d(80), 1, padding="VALID", name="Conv2d_3b_1x1")(x, train)
+        x = conv(d(192), 3, padding="VALID", name="Conv2d_4a_3x3")(x, train)
+        return max_pool(x, 3, 2)
+
+    def features(self, x: jax.Array, train: bool) -> jax.Array:
+        c, pad = self.common, self.pool_include_pad
+        x = self.stem(x, train)
+        x = InceptionA(c, 32, pad, name="Mixed_5b")(x, train)
+        x = InceptionA(c, 64, pad, name="Mixed_5c")(x, train)
+        x = InceptionA(c, 64, pad, name="Mixed_5d")(x, train)
+        x = InceptionB(c, name="Mixed_6a")(x, train)
+        x = InceptionC(c, 128, pad, name="Mixed_6b")(x, train)
+        x = InceptionC(c, 160, pad, name="Mixed_6c")(x, train)
+        x = InceptionC(c, 160, pad, name="Mixed_6d")(x, train)
+        x = InceptionC(c, 192, pad, name="Mixed_6e")(x, train)
+        if self.wants_aux(train):
+            self.sow_aux(AuxHead(c, self.num_classes, self.bn_in_aux_head, name="AuxLogits")(x, train))
+        x = InceptionD(c, name="Mixed_7a")(x, train)
+        x = InceptionE(c, pad, name="Mixed_7b")(x, train)
+        return InceptionE(c, pad, name="Mixed_7c")(x, train)
+
+
+class InceptionV2(InceptionV3):
+    """The Rethinking paper's Inception-v2: one 7x7/2 stem conv, no BN in the aux head."""
+
+    factorized_stem: ClassVar[bool] = False
+    bn_in_aux_head: ClassVar[bool] = False

@@ -1,0 +1,286 @@
+"""Layers shared by every Inception family: conv + BatchNorm + ReLU, pooling, heads.
+
+Precision, normalisation and initialisation are decided once per network (see
+`Common`) and handed to the blocks as `functools.partial`s, so a block reads like
+the figure it implements: a list of `conv(features, kernel)` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, ClassVar, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ModuleDef = Any
+Padding = str | Sequence[tuple[int, int]]
+
+# He-style init with a truncated normal (the TF references use truncated normal /
+# variance scaling initialisers).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class ConvBN(nn.Module):
+    """Bias-free convolution, BatchNorm and (optionally) ReLU.
+
+    Parameters live in `conv/kernel`, `bn/scale`, `bn/bias`; running statistics in
+    the `batch_stats` collection under `bn/mean` and `bn/var`.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int] = 1
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    activation: bool = True
+    bn_momentum: float = 0.9997
+    bn_epsilon: float = 1e-3
+    bn_scale: bool = True
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Conv(
+            self.features,
+            pair(self.kernel_size),
+            strides=pair(self.strides),
+            padding=self.padding,
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            use_scale=self.bn_scale,
+            axis_name=self.axis_name if train else None,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="bn",
+        )(x)
+        return nn.relu(x) if self.activation else x
+
+
+@dataclasses.dataclass(frozen=True)
+class Common:
+    """The knobs every family shares; `conv`, `dense` and `depth` derive from them."""
+
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
+    bn_momentum: float = 0.9997
+    bn_epsilon: float = 1e-3
+    bn_scale: bool = True
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def depth(self, d: int) -> int:
+        """TF-slim's width rule: scale by the depth multiplier, never below min_depth."""
+        if self.depth_multiplier == 1.0:
+            return d
+        return max(int(d * self.depth_multiplier), self.min_depth)
+
+    @property
+    def conv(self) -> Callable[..., ConvBN]:
+        return functools.partial(
+            ConvBN,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            bn_scale=self.bn_scale,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    @property
+    def dense(self) -> Callable[..., nn.Dense]:
+        return functools.partial(
+            nn.Dense, kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+
+    @property
+    def bias_conv(self) -> Callable[..., nn.Conv]:
+        """Convolution with bias and no BN (Inception-ResNet residual projections)."""
+        return functools.partial(
+            nn.Conv, use_bias=True, kernel_init=conv_init, dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+
+class InceptionNet(nn.Module):
+    """Base for every network: input checks, shared knobs and the classifier top.
+
+    Subclasses define `features(x, train) -> x` (everything up to the global pool)
+    and may `sow` auxiliary logits through `aux_head`.
+    """
+
+    num_classes: int = 1000
+    aux_logits: bool = False
+    dropout_rate: float = 0.2
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
+    bn_momentum: float = 0.9997
+    bn_epsilon: float = 1e-3
+    bn_scale: bool = True
+    axis_name: str | None = None
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    min_image_size: ClassVar[int] = 75
+    has_aux: ClassVar[bool] = True
+
+    @property
+    def common(self) -> Common:
+        return Common(
+            depth_multiplier=self.depth_multiplier,
+            min_depth=self.min_depth,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            bn_scale=self.bn_scale,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def check_image_size(self, height: int, width: int) -> None:
+        if min(height, width) < self.min_image_size:
+            raise ValueError(
+                f"{type(self).__name__} needs images of at least "
+                f"{self.min_image_size}x{self.min_image_size}, got {height}x{width}: "
+                f"raise image_size to {self.min_image_size} or more."
+            )
+
+    def wants_aux(self, train: bool) -> bool:
+        """Aux heads run in training, and at init so their parameters exist."""
+        return self.aux_logits and (train or self.is_initializing())
+
+    def sow_aux(self, logits: jax.Array) -> None:
+        """Auxiliary logits go to `intermediates/aux_logits` (a tuple, one per head)."""
+        self.sow("intermediates", "aux_logits", jnp.asarray(logits, jnp.float32))
+
+    def classifier(self, x: jax.Array, train: bool) -> jax.Array:
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = self.common.dense(self.num_classes, name="Logits")(x)
+        return jnp.asarray(x, jnp.float32)
+
+    def features(self, x: jax.Array, train: bool) -> jax.Array:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Logits for NHWC images in [-1, 1]; aux logits are sown in training."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                f"expected NHWC images with 3 channels, got shape {tuple(images.shape)}"
+            )
+        self.check_image_size(images.shape[1], images.shape[2])
+        if self.aux_logits and not self.has_aux:
+            raise ValueError(f"{type(self).__name__} has no auxiliary head: set aux_logits=False")
+        x = self.features(jnp.asarray(images, self.dtype), train)
+        return self.classifier(x, train)
+
+
+def max_pool(x: jax.Array, k: int, s: int, padding: Padding = "VALID") -> jax.Array:
+    return nn.max_pool(x, (k, k), (s, s), padding=padding)
+
+
+def avg_pool(x: jax.Array, k: int, s: int = 1, padding: Padding = "SAME",
+             count_include_pad: bool = False) -> jax.Array:
+    """Average pool; `count_include_pad=False` is TF's 'SAME' behaviour."""
+    if padding == "SAME" and s == 1:
+        padding = ((k // 2, k // 2), (k // 2, k // 2))
+    return nn.avg_pool(x, (k, k), (s, s), padding=padding, count_include_pad=count_include_pad)
+
+
+def ceil_pool_padding(size: int, k: int, s: int, pad: int) -> tuple[int, int]:
+    """Padding that reproduces PyTorch/Caffe `ceil_mode=True` pooling."""
+    out = math.ceil((size + 2 * pad - k) / s) + 1
+    if (out - 1) * s >= size + pad:  # the last window must start inside the input
+        out -= 1
+    extra = max((out - 1) * s + k - (size + 2 * pad), 0)
+    return pad, pad + extra
+
+
+def max_pool_ceil(x: jax.Array, k: int, s: int, pad: int = 0) -> jax.Array:
+    """Max pool with ceil-mode output size (GoogLeNet / BN-Inception ports)."""
+    padding = (ceil_pool_padding(x.shape[1], k, s, pad), ceil_pool_padding(x.shape[2], k, s, pad))
+    return nn.max_pool(x, (k, k), (s, s), padding=padding)
+
+
+def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
+    """PyTorch's adaptive average pooling to `out` x `out` (windows may overlap)."""
+    def bounds(size: int) -> list[tuple[int, int]]:
+        return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+    rows = [jnp.mean(x[:, a:b], axis=1, keepdims=True) for a, b in bounds(x.shape[1])]
+    x = jnp.concatenate(rows, axis=1)
+    cols = [jnp.mean(x[:, :, a:b], axis=2, keepdims=True) for a, b in bounds(x.shape[2])]
+    return jnp.concatenate(cols, axis=2)
+
+
+class AuxHead(nn.Module):
+    """The auxiliary classifier of Inception v3 / v4 / Inception-ResNet.
+
+    avg-pool 5x5 stride 3 -> 1x1 conv 128 -> 5x5 conv 768 -> global pool -> FC.
+    Feature maps smaller than 17x17 (small training images) are pooled adaptively
+    to 5x5 instead, so the 5x5 conv always sees a 5x5 map. `bn_in_head=False`
+    gives the Rethinking paper's Inception-v2 head: the 5x5 conv has a bias and no BN.
+    """
+
+    common: Common
+    num_classes: int
+    bn_in_head: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = self.common
+        if min(x.shape[1], x.shape[2]) >= 17:
+            x = nn.avg_pool(x, (5, 5), (3, 3), padding="VALID")
+        else:
+            x = adaptive_avg_pool(x, 5)
+        x = c.conv(c.depth(128), 1, name="Conv2d_1a_1x1")(x, train)
+        if self.bn_in_head:
+            x = c.conv(c.depth(768), 5, padding="VALID", name="Conv2d_2a_5x5")(x, train)
+        else:
+            x = c.bias_conv(c.depth(768), (5, 5), padding="VALID", name="Conv2d_2a_5x5")(x)
+            x = nn.relu(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return c.dense(self.num_classes, name="Logits")(x)
+
+
+def stack(block: type[nn.Module], length: int, remat: bool = False, **kwargs) -> nn.Module:
+    """`length` copies of a residual block under `nn.scan` (one compiled body).
+
+    Parameters and BN statistics gain a leading axis of size `length`. The block's
+    `__call__(x, train)` returns `(x, None)`.
+    """
+    if remat:
+        block = nn.remat(block, static_argnums=(2,))
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=length,
+    )
+    return scanned(**kwargs)
+
+
+def concat(branches: Sequence[jax.Array]) -> jax.Array:
+    return jnp.concatenate(branches, axis=-1)
