@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from inception_flax.models.inception_v4 import ReductionA
 from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stack)
+    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stack, stem_3x3,
+    stem_pool_1x1_3x3)
 
 ResidualScale = float | Sequence[float]
 
@@ -137,12 +138,7 @@ class StemV1(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
-        x = conv(d(32), 3, strides=2, padding="VALID", name="Conv2d_1a_3x3")(x, train)
-        x = conv(d(32), 3, padding="VALID", name="Conv2d_2a_3x3")(x, train)
-        x = conv(d(64), 3, name="Conv2d_2b_3x3")(x, train)
-        x = max_pool(x, 3, 2)
-        x = conv(d(80), 1, padding="VALID", name="Conv2d_3b_1x1")(x, train)
-        x = conv(d(192), 3, padding="VALID", name="Conv2d_4a_3x3")(x, train)
+        x = stem_pool_1x1_3x3(self.common, stem_3x3(self.common, x, train), train)
         return conv(d(256), 3, strides=2, padding="VALID", name="Conv2d_4b_3x3")(x, train)
 
 
@@ -154,12 +150,7 @@ class StemV2(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
-        x = conv(d(32), 3, strides=2, padding="VALID", name="Conv2d_1a_3x3")(x, train)
-        x = conv(d(32), 3, padding="VALID", name="Conv2d_2a_3x3")(x, train)
-        x = conv(d(64), 3, name="Conv2d_2b_3x3")(x, train)
-        x = max_pool(x, 3, 2)
-        x = conv(d(80), 1, padding="VALID", name="Conv2d_3b_1x1")(x, train)
-        x = conv(d(192), 3, padding="VALID", name="Conv2d_4a_3x3")(x, train)
+        x = stem_pool_1x1_3x3(self.common, stem_3x3(self.common, x, train), train)
         x = max_pool(x, 3, 2)
         b0 = conv(d(96), 1, name="Mixed_5b_Branch_0_1x1")(x, train)
         b1 = conv(d(48), 1, name="Mixed_5b_Branch_1_1x1")(x, train)
@@ -179,9 +170,7 @@ class InceptionResNetV2(InceptionNet):
 
     default_scales: ClassVar[tuple[float, float, float]] = (0.17, 0.10, 0.20)
     repeats: ClassVar[tuple[int, int, int]] = (10, 20, 9)
-
-    def setup_check(self) -> tuple[float, float, float]:
-        return residual_scales(self.residual_scale, self.default_scales)
+    block_widths: ClassVar[dict] = {}  # v2's widths are the blocks' defaults
 
     def stem(self, x: jax.Array, train: bool) -> jax.Array:
         return StemV2(self.common, name="Stem")(x, train)
@@ -197,24 +186,21 @@ class InceptionResNetV2(InceptionNet):
         x, _ = Block8(c, 1.0, activation=False, name="Block8")(x, train)
         return c.conv(c.depth(1536), 1, name="Conv2d_7b_1x1")(x, train)
 
-    block_widths: ClassVar[dict] = {}
+    def repeat(self, block: type[ResidualBlock], n: int, scale: float) -> nn.Module:
+        return stack(block, n, self.remat, self.scan_unroll, common=self.common, scale=scale,
+                     name=f"Repeat_{block.__name__}", **self.block_widths.get(block.__name__, {}))
 
     def features(self, x: jax.Array, train: bool) -> jax.Array:
-        c = self.common
-        s35, s17, s8 = self.setup_check()
+        s35, s17, s8 = residual_scales(self.residual_scale, self.default_scales)
         n35, n17, n8 = self.repeats
-        w = self.block_widths
         x = self.stem(x, train)
-        x, _ = stack(Block35, n35, self.remat, common=c, scale=s35, name="Repeat_Block35",
-                     **w.get("Block35", {}))(x, train)
+        x, _ = self.repeat(Block35, n35, s35)(x, train)
         x = self.reduction_a(x, train)
-        x, _ = stack(Block17, n17, self.remat, common=c, scale=s17, name="Repeat_Block17",
-                     **w.get("Block17", {}))(x, train)
+        x, _ = self.repeat(Block17, n17, s17)(x, train)
         if self.wants_aux(train):
-            self.sow_aux(AuxHead(c, self.num_classes, name="AuxLogits")(x, train))
+            self.sow_aux(AuxHead(self.common, self.num_classes, name="AuxLogits")(x, train))
         x = self.reduction_b(x, train)
-        x, _ = stack(Block8, n8, self.remat, common=c, scale=s8, name="Repeat_Block8",
-                     **w.get("Block8", {}))(x, train)
+        x, _ = self.repeat(Block8, n8, s8)(x, train)
         return self.head(x, train)
 
 

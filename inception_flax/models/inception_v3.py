@@ -15,7 +15,8 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from inception_flax.models.layers import AuxHead, Common, InceptionNet, avg_pool, concat, max_pool
+from inception_flax.models.layers import (
+    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stem_3x3, stem_pool_1x1_3x3)
 
 
 class InceptionA(nn.Module):
@@ -140,17 +141,11 @@ class InceptionV3(InceptionNet):
 
     def stem(self, x: jax.Array, train: bool) -> jax.Array:
         c = self.common
-        conv, d = c.conv, c.depth
         if self.factorized_stem:
-            x = conv(d(32), 3, strides=2, padding="VALID", name="Conv2d_1a_3x3")(x, train)
-            x = conv(d(32), 3, padding="VALID", name="Conv2d_2a_3x3")(x, train)
-            x = conv(d(64), 3, name="Conv2d_2b_3x3")(x, train)
+            x = stem_3x3(c, x, train)
         else:
-            x = conv(d(64), 7, strides=2, padding="VALID", name="Conv2d_1a_7x7")(x, train)
-        x = max_pool(x, 3, 2)
-        x = conv(d(80), 1, padding="VALID", name="Conv2d_3b_1x1")(x, train)
-        x = conv(d(192), 3, padding="VALID", name="Conv2d_4a_3x3")(x, train)
-        return max_pool(x, 3, 2)
+            x = c.conv(c.depth(64), 7, strides=2, padding="VALID", name="Conv2d_1a_7x7")(x, train)
+        return max_pool(stem_pool_1x1_3x3(c, x, train), 3, 2)
 
     def features(self, x: jax.Array, train: bool) -> jax.Array:
         c, pad = self.common, self.pool_include_pad

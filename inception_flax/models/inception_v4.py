@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 
 from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stack)
+    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stack, stem_3x3)
 
 
 class Stem(nn.Module):
@@ -24,9 +24,7 @@ class Stem(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
-        x = conv(d(32), 3, strides=2, padding="VALID", name="Conv2d_1a_3x3")(x, train)
-        x = conv(d(32), 3, padding="VALID", name="Conv2d_2a_3x3")(x, train)
-        x = conv(d(64), 3, name="Conv2d_2b_3x3")(x, train)
+        x = stem_3x3(self.common, x, train)
         x = concat([
             max_pool(x, 3, 2),
             conv(d(96), 3, strides=2, padding="VALID", name="Mixed_3a_3x3")(x, train),
@@ -155,11 +153,11 @@ class InceptionV4(InceptionNet):
     def features(self, x: jax.Array, train: bool) -> jax.Array:
         c = self.common
         x = Stem(c, name="Stem")(x, train)
-        x, _ = stack(InceptionA, 4, self.remat, common=c, name="Mixed_5")(x, train)
+        x, _ = stack(InceptionA, 4, self.remat, self.scan_unroll, common=c, name="Mixed_5")(x, train)
         x = ReductionA(c, name="Mixed_6a")(x, train)
-        x, _ = stack(InceptionB, 7, self.remat, common=c, name="Mixed_6")(x, train)
+        x, _ = stack(InceptionB, 7, self.remat, self.scan_unroll, common=c, name="Mixed_6")(x, train)
         if self.wants_aux(train):
             self.sow_aux(AuxHead(c, self.num_classes, name="AuxLogits")(x, train))
         x = ReductionB(c, name="Mixed_7a")(x, train)
-        x, _ = stack(InceptionC, 3, self.remat, common=c, name="Mixed_7")(x, train)
+        x, _ = stack(InceptionC, 3, self.remat, self.scan_unroll, common=c, name="Mixed_7")(x, train)
         return x

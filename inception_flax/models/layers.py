@@ -138,6 +138,7 @@ class InceptionNet(nn.Module):
     bn_scale: bool = True
     axis_name: str | None = None
     remat: bool = False
+    scan_unroll: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -264,11 +265,14 @@ class AuxHead(nn.Module):
         return c.dense(self.num_classes, name="Logits")(x)
 
 
-def stack(block: type[nn.Module], length: int, remat: bool = False, **kwargs) -> nn.Module:
-    """`length` copies of a residual block under `nn.scan` (one compiled body).
+def stack(block: type[nn.Module], length: int, remat: bool = False, unroll: int = 1,
+          **kwargs) -> nn.Module:
+    """`length` copies of a block under `nn.scan`.
 
     Parameters and BN statistics gain a leading axis of size `length`. The block's
-    `__call__(x, train)` returns `(x, None)`.
+    `__call__(x, train)` returns `(x, None)`. `unroll` copies run per loop
+    iteration: 1 compiles one body (fastest compile); `length` or more unrolls the
+    loop completely (fastest run on CPU). The parameter layout is the same.
     """
     if remat:
         block = nn.remat(block, static_argnums=(2,))
@@ -278,8 +282,28 @@ def stack(block: type[nn.Module], length: int, remat: bool = False, **kwargs) ->
         split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast,
         length=length,
+        unroll=min(max(unroll, 1), length),
     )
     return scanned(**kwargs)
+
+
+def stem_3x3(common: Common, x: jax.Array, train: bool) -> jax.Array:
+    """3x3/2 V -> 3x3 V -> 3x3 (299 -> 147x147x64): how v3, v4 and the Inception-ResNets open.
+
+    Called inside a module's compact method, so the convolutions belong to that module.
+    """
+    conv, d = common.conv, common.depth
+    x = conv(d(32), 3, strides=2, padding="VALID", name="Conv2d_1a_3x3")(x, train)
+    x = conv(d(32), 3, padding="VALID", name="Conv2d_2a_3x3")(x, train)
+    return conv(d(64), 3, name="Conv2d_2b_3x3")(x, train)
+
+
+def stem_pool_1x1_3x3(common: Common, x: jax.Array, train: bool) -> jax.Array:
+    """max-pool/2 -> 1x1 80 V -> 3x3 192 V (147x147x64 -> 71x71x192), after `stem_3x3`."""
+    conv, d = common.conv, common.depth
+    x = max_pool(x, 3, 2)
+    x = conv(d(80), 1, padding="VALID", name="Conv2d_3b_1x1")(x, train)
+    return conv(d(192), 3, padding="VALID", name="Conv2d_4a_3x3")(x, train)
 
 
 def concat(branches: Sequence[jax.Array]) -> jax.Array:
