@@ -24,6 +24,7 @@ def base_config(model_name: str, image_size: int) -> ml_collections.ConfigDict:
     c.model.bn_epsilon = 1e-3
     c.model.depth_multiplier = 1.0  # TF-slim width multiplier
     c.model.remat = False  # recompute repeated blocks in the backward pass (saves memory)
+    c.model.scan_unroll = 1  # repeated blocks per loop iteration; >= their count: no loop
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
 
     # ---- Data (TFDS name, or folder:/path with root/<split>/<label>/*.jpg). ----
@@ -100,6 +101,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collect
     c.dataset.central_fraction = 1.0
     c.image_size = 75 if c.image_size > 224 else 64
     c.model.depth_multiplier = 0.25
+    c.model.scan_unroll = 20  # straight-line code: ~2.5x faster steps on CPU, slower compile
     c.model.bn_momentum = 0.9
     c.batch_size = 32
     c.eval_batch_size = 120
