@@ -19,3 +19,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ince
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="inception_flax_tfds_"))
+
+
+def pytest_configure(config):
+    """Prepare the embedded digits dataset once, before any xdist worker starts."""
+    del config
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        from inception_flax import input_pipeline
+
+        input_pipeline.prepare_dataset("inception_digits", os.environ["TFDS_DATA_DIR"])
