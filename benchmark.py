@@ -1,0 +1,14 @@
+"""Benchmark a network: `python benchmark.py --model inception_v3 --batch 16 --compare timm`.
+
+Train and inference images/s of the trainer's real step, compile time (cold and
+with a warm persistent cache), peak memory, multiply-adds and the fraction of
+the measured matmul rate, optionally next to timm, and the input pipeline alone.
+`python benchmark.py --help` lists the options; see inception_flax/benchmark.py.
+"""
+
+import sys
+
+from inception_flax.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main())
