@@ -9,6 +9,7 @@ import sys
 
 import jax
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -49,15 +50,10 @@ def scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
         acc.Reload()
         for tag in acc.Tags()["tensors"]:
             for e in acc.Tensors(tag):
-                value = tf_make_ndarray(e.tensor_proto)
+                value = tf.make_ndarray(e.tensor_proto)
                 if value.ndim == 0 and value.dtype.kind == "f":
                     out.setdefault(tag, []).append((e.step, float(value)))
     return out
-
-
-def tf_make_ndarray(proto):
-    import tensorflow as tf
-    return tf.make_ndarray(proto)
 
 
 @pytest.mark.parametrize("network", NETWORKS)

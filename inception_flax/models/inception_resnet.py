@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from inception_flax.models.inception_v4 import ReductionA
 from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stack, stem_3x3,
+    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stem_3x3,
     stem_pool_1x1_3x3)
 
 ResidualScale = float | Sequence[float]
@@ -187,8 +187,8 @@ class InceptionResNetV2(InceptionNet):
         return c.conv(c.depth(1536), 1, name="Conv2d_7b_1x1")(x, train)
 
     def repeat(self, block: type[ResidualBlock], n: int, scale: float) -> nn.Module:
-        return stack(block, n, self.remat, self.scan_unroll, common=self.common, scale=scale,
-                     name=f"Repeat_{block.__name__}", **self.block_widths.get(block.__name__, {}))
+        return self.repeated(block, n, f"Repeat_{block.__name__}", scale=scale,
+                             **self.block_widths.get(block.__name__, {}))
 
     def features(self, x: jax.Array, train: bool) -> jax.Array:
         s35, s17, s8 = residual_scales(self.residual_scale, self.default_scales)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 
 from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stack, stem_3x3)
+    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stem_3x3)
 
 
 class Stem(nn.Module):
@@ -153,11 +153,11 @@ class InceptionV4(InceptionNet):
     def features(self, x: jax.Array, train: bool) -> jax.Array:
         c = self.common
         x = Stem(c, name="Stem")(x, train)
-        x, _ = stack(InceptionA, 4, self.remat, self.scan_unroll, common=c, name="Mixed_5")(x, train)
+        x, _ = self.repeated(InceptionA, 4, "Mixed_5")(x, train)
         x = ReductionA(c, name="Mixed_6a")(x, train)
-        x, _ = stack(InceptionB, 7, self.remat, self.scan_unroll, common=c, name="Mixed_6")(x, train)
+        x, _ = self.repeated(InceptionB, 7, "Mixed_6")(x, train)
         if self.wants_aux(train):
             self.sow_aux(AuxHead(c, self.num_classes, name="AuxLogits")(x, train))
         x = ReductionB(c, name="Mixed_7a")(x, train)
-        x, _ = stack(InceptionC, 3, self.remat, self.scan_unroll, common=c, name="Mixed_7")(x, train)
+        x, _ = self.repeated(InceptionC, 3, "Mixed_7")(x, train)
         return x

@@ -170,6 +170,11 @@ class InceptionNet(nn.Module):
         """Aux heads run in training, and at init so their parameters exist."""
         return self.aux_logits and (train or self.is_initializing())
 
+    def repeated(self, block: type[nn.Module], length: int, name: str, **kwargs) -> nn.Module:
+        """`length` copies of `block` under `stack`, with this network's remat / unroll."""
+        return stack(block, length, self.remat, self.scan_unroll, common=self.common,
+                     name=name, **kwargs)
+
     def sow_aux(self, logits: jax.Array) -> None:
         """Auxiliary logits go to `intermediates/aux_logits` (a tuple, one per head)."""
         self.sow("intermediates", "aux_logits", jnp.asarray(logits, jnp.float32))

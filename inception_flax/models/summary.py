@@ -74,7 +74,8 @@ def _xla_macs(prim: Any, params: tuple, shapes: tuple) -> float:
 
 def _walk(jaxpr: jcore.Jaxpr, prefix: str, mult: int, totals: dict[str, float]) -> None:
     for eqn in jaxpr.eqns:
-        stack = f"{prefix}/{eqn.source_info.name_stack}" if prefix else str(eqn.source_info.name_stack)
+        scope = str(eqn.source_info.name_stack)
+        stack = f"{prefix}/{scope}" if prefix else scope
         name = eqn.primitive.name
         if name in ("conv_general_dilated", "dot_general"):
             shapes = tuple(tuple(v.aval.shape) for v in eqn.invars)
