@@ -28,7 +28,8 @@ def main(argv):
 
     try:
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (trainer.ConfigError, trainer.ckpt_lib.RunMismatchError) as e:
+    except (trainer.ConfigError, trainer.ckpt_lib.RunMismatchError,
+            trainer.ckpt_lib.CheckpointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

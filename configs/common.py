@@ -41,6 +41,9 @@ def base_config(model_name: str, image_size: int) -> ml_collections.ConfigDict:
     c.dataset.random_flip = True
     c.dataset.central_fraction = 0.875  # evaluation central crop
     c.dataset.threadpool_size = 0  # private tf.data threads (0: shared pool)
+    # Shards of the train split per global batch (0: one per process). A fixed N
+    # (a multiple of the process count) gives the same batches on any number of hosts.
+    c.dataset.input_shards = 0
     c.image_size = image_size
 
     # ---- Durations: steps, or epochs when the split size is known. ----

@@ -9,6 +9,7 @@ Loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -109,6 +110,11 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
                 f"use a multiple of {n}")
         if config[field] % procs:
             raise ConfigError(f"{field}={config[field]} does not divide across {procs} processes")
+    shards = input_shards(config)
+    if shards % procs or config.batch_size % shards:
+        raise ConfigError(
+            f"dataset.input_shards={shards} must be a multiple of the {procs} processes and "
+            f"divide batch_size={config.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +129,11 @@ def data_info(config: ml_collections.ConfigDict) -> DataInfo:
     d = config.dataset
     try:
         if d.prepare and jax.process_index() == 0:
-            input_pipeline.prepare_dataset(d.name, d.data_dir)
+            try:
+                input_pipeline.prepare_dataset(d.name, d.data_dir)
+            except Exception:  # noqa: BLE001 - another run preparing the same data_dir
+                time.sleep(2.0)  # lost the race to rename its output: theirs is complete
+                input_pipeline.prepare_dataset(d.name, d.data_dir)
         if jax.process_count() > 1 and d.prepare:
             multihost_utils.sync_global_devices("dataset prepared")
         builder = input_pipeline.get_builder(d.name, d.data_dir)
@@ -170,7 +180,15 @@ def durations(config: ml_collections.ConfigDict, info: DataInfo) -> tuple[int, i
 # ----------------------------------------------------------------------------
 
 def create_mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh((jax.device_count(),), (AXIS,))
+    """All devices on one axis, grouped by process (process 0's first).
+
+    Each process's slice of the global batch is then one contiguous block, in
+    process order, and device i of the mesh (its dropout key, its BN statistics)
+    sees the same examples whatever the number of processes.
+    """
+    devices = jax.make_mesh((jax.device_count(),), (AXIS,)).devices.ravel()
+    devices = sorted(devices, key=lambda d: d.process_index)  # stable within a process
+    return jax.sharding.Mesh(np.array(devices), (AXIS,))
 
 
 # ----------------------------------------------------------------------------
@@ -184,13 +202,76 @@ def preprocessing(config: ml_collections.ConfigDict) -> input_pipeline.Preproces
         random_flip=d.random_flip, central_fraction=d.central_fraction)
 
 
-def train_dataset(config: ml_collections.ConfigDict):
+def input_shards(config: ml_collections.ConfigDict) -> int:
+    """How many shards of the train split make up a global batch (0: one per process).
+
+    `dataset.input_shards=N` fixes the data order independently of the number of
+    processes: every global batch is the concatenation of one batch of each of N
+    shards (shard i is read as if by process i of N), and each process reads its
+    N / process_count consecutive shards. Hence 2 processes x 2 devices and
+    1 process x 4 devices see the same examples in the same order.
+    """
+    n = config.dataset.input_shards
+    return n if n > 0 else jax.process_count()
+
+
+class _ShardedIterator:
+    """Batches of several shard iterators, concatenated; position saved per shard."""
+
+    def __init__(self, iterators):
+        self.iterators = iterators
+
+    def __next__(self):
+        batches = [next(it) for it in self.iterators]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def __iter__(self):
+        return self
+
+    @staticmethod
+    def _path(path: str, i: int) -> str:
+        return path if i == 0 else f"{path}_shard{i}"
+
+    def save(self, path: str) -> None:
+        for i, it in enumerate(self.iterators):
+            it.save(self._path(path, i))
+
+    def restore(self, path: str) -> None:
+        for i, it in enumerate(self.iterators):
+            it.restore(self._path(path, i))
+
+
+class _SumCounter:
+    def __init__(self, counters):
+        self.counters = counters
+
+    @property
+    def count(self) -> int:
+        return sum(c.count for c in self.counters)
+
+
+def train_dataset(config: ml_collections.ConfigDict, index: int | None = None,
+                  count: int | None = None):
     d = config.dataset
     return input_pipeline.create_split(
-        d.name, d.train_split, batch_size=config.batch_size // jax.process_count(),
+        d.name, d.train_split, batch_size=config.batch_size // (count or jax.process_count()),
         image_size=config.image_size, train=True, data_dir=d.data_dir,
         preprocessing=preprocessing(config), shuffle_buffer=d.shuffle_buffer, seed=config.seed,
-        threadpool_size=d.threadpool_size or None)
+        threadpool_size=d.threadpool_size or None, process_index=index, process_count=count)
+
+
+def train_iterator(config: ml_collections.ConfigDict):
+    """This process's checkpointable iterator of its slice of each global batch."""
+    shards, procs = input_shards(config), jax.process_count()
+    if shards == procs:
+        ds, skipped = train_dataset(config)
+        return input_pipeline.create_checkpointable_iterator(ds), skipped
+    per = shards // procs
+    parts = [train_dataset(config, index=jax.process_index() * per + i, count=shards)
+             for i in range(per)]
+    return (_ShardedIterator([input_pipeline.create_checkpointable_iterator(ds)
+                              for ds, _ in parts]),
+            _SumCounter([c for _, c in parts]))
 
 
 def eval_dataset(config: ml_collections.ConfigDict, info: DataInfo):
@@ -305,6 +386,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+def mean_value_and_grad(loss_fn, params: Any) -> tuple[Any, Any]:
+    """Inside the per-device step: this device's (loss, aux) and the devices' mean gradient.
+
+    The gradient is taken per device, then averaged with `pmean`, as under pmap.
+    Differentiating the replicated `params` directly would make shard_map sum the
+    devices' gradients implicitly: a gradient `device_count` times the mean's.
+    """
+    out, grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        jax.lax.pcast(params, AXIS, to="varying"))
+    return out, jax.lax.pmean(grads, AXIS)
+
+
 def make_train_step(model: models.InceptionNet, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, config: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh, state: TrainState):
@@ -330,17 +423,18 @@ def make_train_step(model: models.InceptionNet, tx: optax.GradientTransformation
             total = main + aux_weight * aux + (l2 * optim.l2_loss(params) if l2 else 0.0)
             return total, (new["batch_stats"], logits, main, aux)
 
-        (loss, (new_stats, logits, main, aux)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.params)
-        grads = jax.lax.pmean(grads, AXIS)
+        (loss, (new_stats, logits, main, aux)), grads = mean_value_and_grad(
+            loss_fn, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
+        update_norm = optax.global_norm(updates)  # non-finite even when the gradient is not
         metrics = jax.lax.pmean({
             "loss": loss, "main_loss": main, "aux_loss": aux,
             "top1": jnp.mean(jnp.argmax(logits, -1) == labels),
         }, AXIS)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(update_norm))
         metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
                        finite=finite.astype(jnp.float32))
         new_state = state.replace(
@@ -411,7 +505,7 @@ def merge_pretrained(target: dict[str, Any], source: dict[str, Any]) -> tuple[An
         head = next((h for h in HEAD_MODULES if key.split("/")[1] == h), None)
         src = flat_s.get(key)
         if src is not None and tuple(np.shape(src)) == tuple(value.shape):
-            merged[key] = jnp.asarray(src, value.dtype)
+            merged[key] = np.asarray(src, value.dtype)
         elif head is not None:
             merged[key] = value
             reset.add(head)
@@ -432,13 +526,22 @@ def merge_pretrained(target: dict[str, Any], source: dict[str, Any]) -> tuple[An
 # ----------------------------------------------------------------------------
 
 class _Preemption:
-    """SIGTERM asks the loop to checkpoint at the current step and exit."""
+    """SIGTERM asks the loop to checkpoint at the current step and exit.
+
+    One process: a Python SIGTERM handler. Several: JAX's preemption service
+    (started by `jax.distributed.initialize`) receives the notice on any process
+    and has all of them agree on the step to checkpoint at
+    (`multihost_utils.reached_preemption_sync_point`), without a collective per step.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
+        if self._multi:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -454,11 +557,46 @@ class _Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
+    def agreed(self, step: int) -> bool:
+        """True on every process at the same step once any process got the notice."""
+        if not self._multi:
             return self.requested
-        flags = multihost_utils.process_allgather(np.array(self.requested))
-        return bool(np.any(flags))
+        if multihost_utils.reached_preemption_sync_point(step):
+            logging.warning("preemption notice: all processes checkpoint at step %d", step)
+            return True
+        return False
+
+
+@contextlib.contextmanager
+def _closing_on_error(checkpointer: ckpt_lib.Checkpointer):
+    """Close (finish writing) the checkpointer when the loop stops on an error."""
+    try:
+        yield
+    except BaseException:
+        checkpointer.close()
+        raise
+
+
+def mark_session_start(workdir: str, step: int) -> None:
+    """Tell TensorBoard an attempt of the run starts at `step`.
+
+    TensorBoard reads a directory's event files in name order; from the second
+    `SessionLog.START` on, it drops every earlier event at or after that START's
+    step. So a run killed between its last checkpoint and its death, which logged
+    steps that the resumed attempt logs again, shows each step once. The file is
+    named to sort after earlier attempts' files (created seconds before) and
+    before this attempt's.
+    """
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    now = time.time()
+    path = os.path.join(workdir, f"events.out.tfevents.{int(now) - 1:010d}.start.{step}")
+    with tf.io.TFRecordWriter(path) as f:
+        f.write(event_pb2.Event(wall_time=now, file_version="brain.Event:2")
+                .SerializeToString())
+        f.write(event_pb2.Event(wall_time=now, step=step, session_log=event_pb2.SessionLog(
+            status=event_pb2.SessionLog.START)).SerializeToString())
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -480,6 +618,15 @@ def _image_grid(images: np.ndarray, max_images: int = 16) -> np.ndarray:
     return np.clip((grid + 1.0) / 2.0, 0.0, 1.0)[None]
 
 
+def run_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """The fields that shape a run's checkpoints: a resume must not change them."""
+    m = config.model
+    return {"model": models.canonical_name(m.name), "num_classes": num_classes,
+            "depth_multiplier": m.depth_multiplier, "aux_logits": m.get("aux_logits"),
+            "layout": m.get("layout"), "optimizer": config.optimizer,
+            "grad_clipping": config.grad_clip_norm > 0, "ema": config.ema_decay > 0}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (resuming from `workdir` if it holds checkpoints); returns the last eval."""
     # -- Checks: config, devices, data. Everything before any compile. --
@@ -488,24 +635,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     info = data_info(config)
     steps_per_epoch, num_steps = durations(config, info)
     model = create_model(config, info.num_classes)
-    ckpt_lib.check_run_identity(workdir, {
-        "model": models.canonical_name(config.model.name), "num_classes": info.num_classes,
-        "depth_multiplier": config.model.depth_multiplier})
+    ckpt_lib.check_run_identity(workdir, run_identity(config, info.num_classes))
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
 
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
     mesh = create_mesh()
+    logging.info("process %d of %d, %d devices (%d here)", jax.process_index(),
+                 jax.process_count(), jax.device_count(), jax.local_device_count())
     schedule = optim.learning_rate_schedule(config, steps_per_epoch, num_steps)
     tx = optim.create_optimizer(config, schedule)
 
     # -- State: fresh, init_from, or resumed. --
-    rng = jax.random.key_data(jax.random.key(config.seed))
-    init_rng, state_rng = jax.random.split(jax.random.wrap_key_data(rng))
+    source = None
+    if config.init_from:  # shapes checked before anything compiles
+        try:
+            source = ckpt_lib.restore_variables(config.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"init_from={config.init_from!r}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              ) from None
+        merge_pretrained(flax.core.unfreeze(jax.eval_shape(lambda: model.init(
+            jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size, 3)),
+            train=False))), source)
+    init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
     variables = init_variables(model, jax.random.key_data(init_rng), config.image_size)
-    if config.init_from:
-        source = ckpt_lib.restore_variables(config.init_from)
+    if source is not None:
         variables, reset = merge_pretrained(flax.core.unfreeze(variables), source)
         logging.info("init_from %s; re-initialised heads: %s", config.init_from,
                      ", ".join(reset) or "none")
@@ -515,18 +669,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints,
                                         config.async_checkpointing)
-    train_ds, skipped = train_dataset(config)
-    train_iter = input_pipeline.create_checkpointable_iterator(train_ds)
+    train_iter, skipped = train_iterator(config)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
         jax.eval_shape(checkpoint_view, state))
-    restored = checkpointer.restore(abstract)
+    restored = checkpointer.restore(abstract, quarantine=True)
     if restored is not None:
         step0, view = restored
         state = from_checkpoint_view(view, mesh)
         checkpointer.restore_input(step0, train_iter)
         logging.info("resumed from step %d", step0)
     start = int(jax.device_get(state.step))
+    if jax.process_index() == 0 and start < num_steps:
+        mark_session_start(workdir, start + 1)
+    writer = metric_writers.create_default_writer(  # after mark_session_start: see there
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
     if start == 0 and jax.process_index() == 0:
         # Hyperparameters, config and parameter table go to TensorBoard only.
@@ -551,6 +708,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def save(state: TrainState, step: int) -> TrainState:
         state = reconcile(state)
+        writer.flush()  # a run killed after this checkpoint keeps every logged step up to it
         checkpointer.save(step, checkpoint_view(state), train_iter)
         return state
 
@@ -566,6 +724,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      result["top1"], result["top5"], int(result["examples"]))
         return state, result
 
+    def next_batch() -> dict[str, jax.Array]:
+        return to_global(next(train_iter), batch_sharding)
+
     def check_finite(history: list[tuple[int, dict]]) -> None:
         for step, metrics in history:
             if config.nonfinite == "stop" and metrics["finite"] < 1.0:
@@ -577,19 +738,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     result: dict[str, float] = {}
     history: list[tuple[int, Any]] = []
     last_log, last_log_step = time.time(), start
-    batch = to_global(next(train_iter), batch_sharding) if start < num_steps else None
+    batch = next_batch() if start < num_steps else None
     if start == 0 and config.log_input_images and batch is not None:
         writer.write_images(0, {"train/input_images": _image_grid(  # what the model sees
             np.asarray(jax.device_get(batch["image"].addressable_shards[0].data)))})
 
-    with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
+    with _Preemption() as preemption, metric_writers.ensure_flushes(writer), \
+            _closing_on_error(checkpointer):
         for step in range(start + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = train_step(state, batch)
             history.append((step, metrics))
             for hook in hooks:
                 hook(step)
-            preempted = preemption.agreed()
+            preempted = preemption.agreed(step)
             is_last = step == num_steps
             if step % config.log_every_steps == 0 or is_last or preempted:
                 history = [(s, jax.device_get(m)) for s, m in history]
@@ -615,7 +777,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.warning("preempted: checkpoint written at step %d", step)
                 break
             if not is_last:
-                batch = to_global(next(train_iter), batch_sharding)
+                batch = next_batch()
     checkpointer.wait()
     checkpointer.close()
     writer.flush()
