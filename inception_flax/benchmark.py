@@ -68,6 +68,8 @@ class Options:
     steps: int = 10  # timed steps (each framework, each of train / inference)
     warmup: int = 2
     scan_unroll: int | None = None  # None: the config's
+    remat: bool | None = None  # None: the config's (recompute repeated blocks backward)
+    memory_sweep: bool = False  # also compile at batch/2 and batch, remat off / on
     depth_multiplier: float | None = None  # None: the config's (1.0)
     aux_logits: bool | None = None  # None: the config's
     num_classes: int = 1000
@@ -190,6 +192,8 @@ def load_config(opts: Options):
     config.model.dtype = opts.dtype
     if opts.scan_unroll is not None:
         config.model.scan_unroll = opts.scan_unroll
+    if opts.remat is not None:
+        config.model.remat = opts.remat
     if opts.depth_multiplier is not None:
         config.model.depth_multiplier = opts.depth_multiplier
     if opts.aux_logits is not None:
@@ -341,12 +345,15 @@ def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, 
     holder = {"state": ours.state}
 
     def train_step():
-        holder["state"], metrics = compiled(holder["state"], ours.batch)
-        jax.block_until_ready((holder["state"], metrics))
+        holder["state"], holder["metrics"] = compiled(holder["state"], ours.batch)
+        jax.block_until_ready(holder)
 
     with PeakRss() as rss:
         times = _median_times(train_step, opts.steps, opts.warmup)
     out.update(_rates(times, opts.batch, flops["train"], "train"))
+    metrics = jax.device_get(holder["metrics"])
+    out["train_loss"] = float(metrics["loss"])
+    out["train_finite"] = bool(metrics["finite"] > 0)
     out["peak_rss_mb"] = _mb(rss.peak)
     out["rss_before_mb"] = _mb(rss.before)
     out["device_peak_mb"] = _mb(device_peak_bytes())
@@ -361,6 +368,26 @@ def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, 
     times = _median_times(infer_step, opts.steps, opts.warmup)
     out.update(_rates(times, opts.batch, flops["infer"], "infer"))
     return out
+
+
+def memory_sweep(opts: Options) -> list[dict[str, Any]]:
+    """XLA's buffer sizes of the train step at batch/2 and batch, remat off and on.
+
+    Compiles only (nothing runs): the static sizes show how memory grows with the
+    batch and what recomputing the repeated blocks saves.
+    """
+    rows = []
+    for batch in sorted({max(1, opts.batch // 2), opts.batch}):
+        for remat in (False, True):
+            ours = build_ours(dataclasses.replace(opts, batch=batch, remat=remat))
+            t = time_compile(ours)
+            analysis = t["compiled"].memory_analysis()
+            rows.append({"batch": batch, "remat": remat, "compile_s": t["compile_s"],
+                         "temp_mb": _mb(analysis.temp_size_in_bytes),
+                         "argument_mb": _mb(analysis.argument_size_in_bytes),
+                         "output_mb": _mb(analysis.output_size_in_bytes)})
+            del ours, t
+    return rows
 
 
 def _rates(times: list[float], batch: int, flops_per_image: float, prefix: str
@@ -575,7 +602,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
     result: dict[str, Any] = {"config": {
         "model": name, "batch": opts.batch, "image_size": config.image_size,
         "dtype": opts.dtype, "depth_multiplier": config.model.depth_multiplier,
-        "scan_unroll": config.model.scan_unroll, "remat": config.model.remat,
+        "scan_unroll": config.model.scan_unroll, "remat": bool(config.model.remat),
         "aux_logits": bool(config.model.aux_logits), "num_classes": opts.num_classes,
         "optimizer": config.optimizer, "ema": config.ema_decay > 0,
         "steps": opts.steps, "warmup": opts.warmup,
@@ -624,6 +651,10 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
             "infer_images_per_sec": ours_out["infer_images_per_sec"]
             / theirs["infer_images_per_sec"],
         }
+
+    if opts.memory_sweep:
+        log("memory sweep: compiling at two batch sizes, remat off and on")
+        result["memory_sweep"] = memory_sweep(opts)
 
     if opts.pipeline_batches > 0:
         log(f"input pipeline: {opts.dataset}")
@@ -697,8 +728,16 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(line)
     if r["ours"].get("warm_cache_hit") is False:
         lines.append("warning: the warm-cache compile missed the persistent cache")
+    if "train_finite" in r["ours"]:
+        lines.append(f"ours: last train loss {r['ours']['train_loss']:.4f} "
+                     f"({'finite' if r['ours']['train_finite'] else 'NOT FINITE'})")
     for note in r.get("timm", {}).get("notes", []):
         lines.append(f"note: {note}")
+    if "memory_sweep" in r:
+        lines += ["", "XLA buffers of the train step (MB)   batch  remat      temp  arguments"]
+        for m in r["memory_sweep"]:
+            lines.append(f"{'':36}{m['batch']:>6}  {_fmt(m['remat']):>5}"
+                         f"{m['temp_mb']:>10,.0f}{m['argument_mb']:>11,.0f}")
     if "pipeline" in r:
         p = r["pipeline"]
         lines += ["", (f"input pipeline ({p['dataset']}:{p['split']}, decoded + augmented): "
@@ -726,6 +765,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--scan-unroll", type=int, default=None,
                    help="1: rolled nn.scan loops; >= block count: straight-line code")
+    p.add_argument("--remat", dest="remat", action="store_true", default=None,
+                   help="recompute the repeated blocks in the backward pass (less memory)")
+    p.add_argument("--no-remat", dest="remat", action="store_false")
+    p.add_argument("--memory-sweep", action="store_true",
+                   help="also compile the step at batch/2 and batch, remat off and on, and "
+                        "report XLA's buffer sizes")
     p.add_argument("--depth-multiplier", type=float, default=None, help="width multiplier")
     p.add_argument("--aux", dest="aux_logits", action="store_true", default=None)
     p.add_argument("--no-aux", dest="aux_logits", action="store_false",

@@ -103,6 +103,26 @@ def test_cli_options():
     assert (config.batch_size, config.image_size, config.model.dtype) == (4, 299, "bfloat16")
     assert config.model.scan_unroll == 20 and not config.model.aux_logits
     assert config.model.residual_scales == (0.17, 0.10, 0.20)  # the network's own recipe
+    assert not config.model.remat  # the config's default stands unless --remat is given
+    opts, _ = benchmark.parse_args(["--model", "inception_v4", "--remat", "--memory-sweep"])
+    assert opts.remat is True and opts.memory_sweep is True
+    assert benchmark.load_config(opts).model.remat is True
+
+
+def test_memory_sweep_and_loss_are_reported():
+    r = {"config": {"model": "inception_v4", "batch": 16, "image_size": 299, "dtype": "float32",
+                    "depth_multiplier": 1.0, "scan_unroll": 1, "aux_logits": True,
+                    "optimizer": "rmsprop", "devices": 1, "backend": "cpu", "cpu_threads": 2,
+                    "steps": 3, "warmup": 1},
+         "model": {"params": 1, "macs_per_image": 1e9, "train_forward_macs_per_image": 1e9},
+         "machine": {"matmul_size": 2048, "matmul_gflops": 80.0},
+         "ours": {"train_images_per_sec": 1.0, "train_loss": 7.1, "train_finite": True},
+         "memory_sweep": [{"batch": b, "remat": m, "temp_mb": t, "argument_mb": 500.0}
+                          for b, m, t in ((8, False, 2000.0), (8, True, 900.0),
+                                          (16, False, 4000.0), (16, True, 1700.0))]}
+    table = benchmark.format_table(r)
+    assert "last train loss 7.1000 (finite)" in table
+    assert "XLA buffers of the train step" in table and "4,000" in table and "1,700" in table
 
 
 def test_networks_without_a_timm_counterpart_fail_clearly():

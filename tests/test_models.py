@@ -2,6 +2,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from inception_flax import models
 from inception_flax.models import __main__ as models_cli
 from inception_flax.models.inception_resnet import Block35
-from inception_flax.models.layers import Common
+from inception_flax.models.layers import NHWC, Common, ConvBN, conv_nhwc, stack
 from inception_flax.models.summary import summarize
 from tests.helpers import random_variables
 
@@ -177,6 +178,44 @@ def test_bfloat16_compute_keeps_float32_parameters():
     np.testing.assert_allclose(logits, ref.apply(variables, images), rtol=0.1, atol=0.1)
     jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
     assert "bf16" in jaxpr
+
+
+@pytest.mark.parametrize("kernel,padding", [
+    ((1, 1), "SAME"), ((3, 3), "SAME"), ((1, 7), "SAME"), ((3, 1), ((1, 0), (0, 0))),
+    ((3, 3), "VALID")])
+def test_conv_nhwc_gradients_equal_lax(kernel, padding):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
+    w = jax.random.normal(jax.random.key(1), (*kernel, 5, 4))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, dimension_numbers=dn)))
+    ours = jax.grad(loss(conv_nhwc), (0, 1))(x, w)
+    ref = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+class _Conv3(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return ConvBN(x.shape[-1], (1, 3), name="c")(x, train), None
+
+
+def test_rolled_scan_gradient_has_only_canonical_convolutions():
+    """XLA:CPU runs non-canonical convolutions inside loops as naive loop nests."""
+    block = stack(_Conv3, 3, unroll=1, name="s")
+    x = jnp.ones((2, 6, 6, 8))
+    variables = block.init(jax.random.key(0), x, False)
+
+    def loss(params):
+        y, _ = block.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+        return jnp.sum(y[0] ** 2)
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    assert " while(" in hlo
+    labels = {line.split("dim_labels=")[1].split(",")[0]
+              for line in hlo.splitlines() if " convolution(" in line}
+    assert labels <= {"b01f_01io->b01f"}, labels
 
 
 def test_depth_multiplier_and_bn_options():

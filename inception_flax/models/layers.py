@@ -30,6 +30,94 @@ def pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+# ----------------------------------------------------------------------------
+# Convolution with a backward pass XLA:CPU runs fast inside loops
+# ----------------------------------------------------------------------------
+#
+# XLA:CPU runs a convolution with its fast (Eigen / library) kernels only when
+# the dimension numbers are canonical (NHWC input, HWIO kernel, NHWC output).
+# Its canonicalisation pass rewrites the others with transposes, but it visits
+# the entry computation only: a non-canonical convolution inside a while loop
+# (the body of `nn.scan`) falls back to a naive loop nest that is orders of
+# magnitude slower. JAX writes both gradients of a convolution as non-canonical
+# convolutions (the weight gradient contracts over the batch; the input
+# gradient reads the kernel as HWOI), so under a rolled scan the backward pass
+# crawled. `conv_nhwc` computes the same gradients with canonical convolutions
+# and explicit transposes (or with matrix products for 1x1 kernels).
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_s1(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...], precision
+             ) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,
+                                        precision=precision)
+
+
+def _conv_s1_fwd(x, w, padding, precision):
+    return _conv_s1(x, w, padding, precision), (x, w)
+
+
+def _is_pointwise(w: jax.Array, padding) -> bool:
+    return w.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding)
+
+
+def _conv_s1_bwd(padding, precision, res, g):
+    x, w = res
+    if _is_pointwise(w, padding):  # 1x1: two matrix products
+        dx = jnp.einsum("nhwo,io->nhwi", g, w[0, 0], precision=precision)
+        dw = jnp.einsum("nhwi,nhwo->io", x, g, precision=precision)[None, None]
+        return dx, dw.astype(w.dtype)
+    # Input gradient: the flipped kernel, inputs and outputs swapped, full padding.
+    w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
+    pad_t = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape[:2], padding))
+    dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), pad_t, dimension_numbers=NHWC,
+                                      precision=precision)
+    # Kernel gradient: input channels act as the batch, the batch as the features,
+    # the output gradient as the kernel: [I, H, W, N] * [Ho, Wo, N, O] -> [I, kh, kw, O].
+    dw = jax.lax.conv_general_dilated(
+        jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), (1, 1), padding,
+        dimension_numbers=NHWC, precision=precision)
+    return dx, jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
+
+
+_conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
+
+
+def conv_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated` for `nn.Conv`, with canonical gradients (see above).
+
+    Stride-1, undilated, ungrouped 2-D NHWC / HWIO convolutions take the custom
+    gradient; anything else goes to `lax.conv_general_dilated` unchanged.
+    """
+    args = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                batch_group_count=batch_group_count, precision=precision,
+                preferred_element_type=preferred_element_type)
+    simple = (
+        lhs.ndim == 4 and tuple(window_strides) == (1, 1)
+        and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+        and feature_group_count == 1 and batch_group_count == 1
+        and preferred_element_type is None
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    if not simple:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    # Under shard_map the kernel is replicated and the images vary per device: cast the
+    # kernel to varying first, as JAX does for its own convolution, so that the custom
+    # gradient has the kernel's type (the cast's transpose sums over the devices).
+    extra = tuple(jax.typeof(lhs).manual_axis_type.varying
+                  - jax.typeof(rhs).manual_axis_type.varying)
+    if extra:
+        rhs = jax.lax.pcast(rhs, extra, to="varying")
+    return _conv_s1(lhs, rhs, tuple((int(lo), int(hi)) for lo, hi in padding), precision)
+
+
 class ConvBN(nn.Module):
     """Bias-free convolution, BatchNorm and (optionally) ReLU.
 
@@ -60,6 +148,7 @@ class ConvBN(nn.Module):
             kernel_init=conv_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_general_dilated=conv_nhwc,
             name="conv",
         )(x)
         x = nn.BatchNorm(
@@ -117,7 +206,7 @@ class Common:
         """Convolution with bias and no BN (Inception-ResNet residual projections)."""
         return functools.partial(
             nn.Conv, use_bias=True, kernel_init=conv_init, dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            param_dtype=self.param_dtype, conv_general_dilated=conv_nhwc,
         )
 
 
