@@ -55,8 +55,13 @@ def model_overrides(config: ml_collections.ConfigDict, num_classes: int) -> dict
     if scale is not None or scales is not None:
         kw["residual_scale"] = scale if scale is not None else tuple(scales)
     if "dtype" in kw:
-        if kw["dtype"] not in ("float32", "bfloat16"):
-            raise ConfigError(f"model.dtype must be float32 or bfloat16, got {kw['dtype']!r}")
+        if kw["dtype"] not in ("float32", "bfloat16", "float64"):
+            raise ConfigError(
+                f"model.dtype must be float32, bfloat16 or float64, got {kw['dtype']!r}")
+        if kw["dtype"] == "float64":  # numerical checks: float64 parameters too
+            if not jax.config.jax_enable_x64:
+                raise ConfigError("model.dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
+            kw["param_dtype"] = jnp.float64
         kw["dtype"] = jnp.dtype(kw["dtype"])
     if config.sync_batch_norm:
         kw["axis_name"] = AXIS

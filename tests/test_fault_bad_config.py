@@ -62,6 +62,8 @@ def fails_before_compile(config, workdir, message):
     ("dataset.eval_split", "validation", "dataset.eval_split='validation' is not a split"),
     ("dataset.input_shards", 3, "dataset.input_shards=3 must .* divide batch_size=4"),
     ("nonfinite", "ignore", "nonfinite must be one of stop, skip"),
+    ("model.dtype", "float16", "model.dtype must be float32, bfloat16 or float64"),
+    ("model.dtype", "float64", "model.dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1"),
 ])
 def test_bad_field_is_one_line_before_any_compile(tmp_path, field, value, message):
     config = runs.config(2, 2, **{field: value})
