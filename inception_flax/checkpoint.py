@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any
 import zlib
 
 from absl import logging
@@ -136,13 +136,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, abstract_state: Any,
-                on_fallback: Callable[[int, Exception], None] | None = None,
-                quarantine: bool = False) -> tuple[int, Any] | None:
+    def restore(self, abstract_state: Any) -> tuple[int, Any] | None:
         """The newest readable checkpoint as (step, state); older ones if it is corrupt.
 
-        With `quarantine`, unreadable checkpoints are moved to `corrupt_checkpoints/`
-        (kept for inspection), so the resumed run can write those steps again.
+        Unreadable checkpoints are moved to `corrupt_checkpoints/` (kept for
+        inspection), so the resumed run can write those steps again.
         """
         bad, first_error = [], ""
         found = None
@@ -158,15 +156,13 @@ class Checkpointer:
                                 "previous one", step, reason)
                 bad.append(step)
                 first_error = first_error or reason
-                if on_fallback:
-                    on_fallback(step, e)
         if bad and found is None:  # never start over silently on top of a run
             raise CheckpointError(
                 f"no checkpoint in {self.workdir}/checkpoints can be restored (steps "
                 f"{', '.join(map(str, bad))}; newest: {first_error}): if the config changed, "
                 "resume with the one that wrote them; if they are damaged, move them away "
                 "or use a new --workdir")
-        if quarantine and bad:
+        if bad:
             self._quarantine(bad)
         return found
 

@@ -678,7 +678,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
         jax.eval_shape(checkpoint_view, state))
-    restored = checkpointer.restore(abstract, quarantine=True)
+    restored = checkpointer.restore(abstract)
     if restored is not None:
         step0, view = restored
         state = from_checkpoint_view(view, mesh)

@@ -37,13 +37,18 @@ def config(steps: int, every: int, network: str = "inception_resnet_v2", **overr
     import importlib
 
     c = importlib.import_module(f"configs.{network}").get_config("digits")
-    for key, value in fields(steps, every, **overrides).items():
-        node = c
+    return override(c, fields(steps, every, **overrides))
+
+
+def override(config, fields: dict[str, Any]):
+    """Set dotted `fields` ("model.depth_multiplier": 0.5) of a config in place."""
+    for key, value in fields.items():
+        node = config
         *path, last = key.split(".")
         for p in path:
             node = node[p]
         node[last] = value
-    return c
+    return config
 
 
 def command(workdir: str, steps: int, every: int, network: str = "inception_resnet_v2",

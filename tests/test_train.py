@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from inception_flax import checkpoint as ckpt_lib
 from inception_flax import trainer
+from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORKS = ["inception_v1", "bn_inception", "inception_v2", "inception_v3", "inception_v4",
@@ -34,13 +35,7 @@ def tiny(config, **overrides):
     config.checkpoint_every_steps = 2
     config.eval_every_steps = 1000
     config.log_input_images = False
-    for k, v in overrides.items():
-        node = config
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return config
+    return runs.override(config, overrides)
 
 
 def scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
