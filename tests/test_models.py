@@ -12,7 +12,8 @@ import pytest
 from inception_flax import models
 from inception_flax.models import __main__ as models_cli
 from inception_flax.models.inception_resnet import Block35
-from inception_flax.models.layers import NHWC, Common, ConvBN, conv_nhwc, stack
+from inception_flax.models.layers import (
+    NHWC, Common, ConvBN, avg_pool, conv_nhwc, max_pool, max_pool_ceil, stack)
 from inception_flax.models.summary import summarize
 from tests.helpers import random_variables
 
@@ -194,6 +195,49 @@ def test_conv_nhwc_gradients_equal_lax(kernel, padding):
     ref = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,s,padding", [(3, 2, "VALID"), (3, 1, "SAME"), (3, 2, ((0, 1), (1, 1)))])
+def test_max_pool_gradient_equals_select_and_scatter_including_ties(k, s, padding):
+    x = jax.random.normal(jax.random.key(0), (2, 13, 12, 3))
+    x = jnp.maximum(jnp.round(x), 0.0)  # many ties, as after a ReLU
+    ref_y, ref_vjp = jax.vjp(lambda x: nn.max_pool(x, (k, k), (s, s), padding=padding), x)
+    y, vjp = jax.vjp(lambda x: max_pool(x, k, s, padding), x)
+    g = jax.random.normal(jax.random.key(1), y.shape)
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-6, atol=1e-6)
+    assert " scatter(" not in jax.jit(vjp).lower(g).compile().as_text()
+
+
+def test_ceil_mode_max_pool_keeps_its_output_size():
+    x = jax.random.normal(jax.random.key(0), (1, 112, 112, 2))
+    assert max_pool_ceil(x, 3, 2).shape == (1, 56, 56, 2)  # floor mode would give 55
+
+
+@pytest.mark.parametrize("include_pad", [False, True])
+def test_avg_pool_and_its_gradient_equal_flax(include_pad):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+
+    def loss(pool):
+        return lambda x: jnp.sum(jnp.sin(pool(x)))
+    def ours(x):
+        return avg_pool(x, 3, count_include_pad=include_pad)
+
+    def ref(x):
+        return nn.avg_pool(x, (3, 3), padding=((1, 1), (1, 1)), count_include_pad=include_pad)
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(ref))(x),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_importing_the_package_keeps_convolutions_out_of_ynnpack():
+    """XLA:CPU's YNNPACK convolutions are several times slower than its own here."""
+    import os
+    assert "xla_cpu_experimental_ynn_fusion_type" in os.environ["XLA_FLAGS"]
+    x, w = jnp.ones((1, 9, 9, 8)), jnp.ones((3, 3, 8, 8))
+    hlo = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=NHWC)).lower(x, w).compile().as_text()
+    assert " convolution(" in hlo and "__ynn_fusion" not in hlo
 
 
 class _Conv3(nn.Module):
