@@ -80,6 +80,7 @@ class Options:
     matmul_size: int = 2048
     warm_compile: bool = True  # measure the warm-cache compile in a subprocess
     threads: int | None = None  # PyTorch threads; None: the CPUs this process may use
+    conv_layers: bool = False  # with compare="timm": every convolution alone, ours vs PyTorch
 
 
 # ----------------------------------------------------------------------------
@@ -525,6 +526,120 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
 # Input pipeline
 # ----------------------------------------------------------------------------
 
+def network_convolutions(model, batch: int, image_size: int) -> list[dict[str, Any]]:
+    """Every convolution of a train-mode forward pass: shapes, strides, padding, count.
+
+    Convolutions inside `nn.scan` bodies count once per iteration.
+    """
+    import jax
+
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), model.dtype)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, False), images)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(
+        v, x, True, mutable=["batch_stats", "intermediates"],
+        rngs={"dropout": jax.random.key(0)}))(variables, images)
+    found: dict[tuple, int] = {}
+
+    def walk(jp, times: int) -> None:
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                p = eqn.params
+                key = (tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape),
+                       tuple(p["window_strides"]), tuple(map(tuple, p["padding"])))
+                found[key] = found.get(key, 0) + times
+            inner = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub, inner)
+
+    walk(jaxpr.jaxpr, 1)
+    return [{"input": list(x), "kernel": list(w), "strides": list(st),
+             "padding": [list(p) for p in pad], "count": n}
+            for (x, w, st, pad), n in found.items()]
+
+
+def bench_conv_layers(opts: Options, config) -> dict[str, Any]:
+    """Each distinct convolution of the network alone, forward and backward, ours and PyTorch.
+
+    Ours is `layers.conv_nhwc` (the network's convolution, with its custom gradient);
+    PyTorch's is `nn.Conv2d` in channels-last. The backward pass computes the kernel
+    gradient, and the input gradient except where the input is the image.
+    """
+    import jax
+    import numpy as np
+    import torch
+
+    from inception_flax import models
+
+    torch.set_num_threads(opts.threads or cpu_threads())
+    model = models.create_model(
+        config.model.name, num_classes=opts.num_classes, dtype=opts.dtype,
+        **{k: config.model[k] for k in ("depth_multiplier", "aux_logits", "scan_unroll")})
+    per_device = max(1, opts.batch // jax.device_count())
+    rng = np.random.default_rng(0)
+    rows = [{**c, **_time_conv(opts, c, rng)}
+            for c in network_convolutions(model, per_device, config.image_size)]
+    totals = {k: sum(r["count"] * r[k] for r in rows)
+              for k in ("ours_fwd_ms", "ours_bwd_ms", "torch_fwd_ms", "torch_bwd_ms")}
+    rows.sort(key=lambda r: -r["count"] * (r["ours_fwd_ms"] + r["ours_bwd_ms"]
+                                          - r["torch_fwd_ms"] - r["torch_bwd_ms"]))
+    return {"per_device_batch": per_device, "convolutions": sum(r["count"] for r in rows),
+            "distinct": len(rows), **totals, "rows": rows}
+
+
+def _time_conv(opts: Options, c: dict[str, Any], rng) -> dict[str, float]:
+    """Median ms of one convolution's forward and backward passes, ours and PyTorch's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from inception_flax.models import layers
+
+    (kh, kw, cin, cout), strides = c["kernel"], tuple(c["strides"])
+    padding = tuple(map(tuple, c["padding"]))
+    image = cin == 3  # the network's input needs no gradient
+    x = jnp.asarray(rng.standard_normal(c["input"]), opts.dtype)
+    w = jnp.asarray(rng.standard_normal(c["kernel"]) * 0.1, opts.dtype)
+
+    def conv(x, w):
+        return layers.conv_nhwc(x, w, strides, padding, dimension_numbers=layers.NHWC)
+    fwd = jax.jit(conv)
+    g = jnp.asarray(rng.standard_normal(fwd(x, w).shape), opts.dtype)
+    if image:
+        bwd = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g))
+    else:
+        bwd = jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g))
+
+    def torch_nhwc(a):
+        t = torch.from_numpy(np.array(a, np.float32)).permute(0, 3, 1, 2)
+        return t.to(getattr(torch, opts.dtype))
+    (top, bottom), (left, right) = padding
+    tx = torch.nn.functional.pad(torch_nhwc(x), (left, right, top, bottom))
+    tx = tx.contiguous(memory_format=torch.channels_last).requires_grad_(not image)
+    tg = torch_nhwc(g).contiguous(memory_format=torch.channels_last)
+    tconv = torch.nn.Conv2d(cin, cout, (kh, kw), stride=strides, bias=False).to(
+        dtype=getattr(torch, opts.dtype), memory_format=torch.channels_last)
+    out = tconv(tx)
+    wrt = [tconv.weight] if image else [tx, tconv.weight]
+
+    def torch_forward():
+        with torch.no_grad():
+            return tconv(tx)
+
+    timed = {
+        "ours_fwd_ms": lambda: jax.block_until_ready(fwd(x, w)),
+        "ours_bwd_ms": lambda: jax.block_until_ready(bwd(x, w, g)),
+        "torch_fwd_ms": torch_forward,
+        "torch_bwd_ms": lambda: torch.autograd.grad(out, wrt, tg, retain_graph=True),
+    }
+    # At least one untimed call: the first one compiles.
+    return {k: 1e3 * statistics.median(_median_times(f, opts.steps, max(opts.warmup, 1)))
+            for k, f in timed.items()}
+
+
 def bench_pipeline(opts: Options, config) -> dict[str, Any]:
     from inception_flax import input_pipeline
     d = config.dataset
@@ -652,6 +767,10 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
             / theirs["infer_images_per_sec"],
         }
 
+    if opts.conv_layers:
+        log("convolutions one by one: ours and PyTorch")
+        result["conv_layers"] = bench_conv_layers(opts, config)
+
     if opts.memory_sweep:
         log("memory sweep: compiling at two batch sizes, remat off and on")
         result["memory_sweep"] = memory_sweep(opts)
@@ -733,6 +852,19 @@ def format_table(r: dict[str, Any]) -> str:
                      f"({'finite' if r['ours']['train_finite'] else 'NOT FINITE'})")
     for note in r.get("timm", {}).get("notes", []):
         lines.append(f"note: {note}")
+    if "conv_layers" in r:
+        cl = r["conv_layers"]
+        lines += ["", (f"convolutions alone ({cl['convolutions']}, {cl['distinct']} distinct, "
+                       f"batch {cl['per_device_batch']}), summed ms:  forward "
+                       f"{cl['ours_fwd_ms']:,.0f} ours / {cl['torch_fwd_ms']:,.0f} PyTorch,  "
+                       f"backward {cl['ours_bwd_ms']:,.0f} / {cl['torch_bwd_ms']:,.0f}"),
+                  "largest differences (ms, ours / PyTorch, times the count):"]
+        for row in cl["rows"][:8]:
+            lines.append(
+                f"  x{row['count']:<3} {'x'.join(map(str, row['input'])):>14} * "
+                f"{'x'.join(map(str, row['kernel'])):>13} stride {row['strides'][0]}  "
+                f"forward {row['ours_fwd_ms']:7.1f} / {row['torch_fwd_ms']:7.1f}  "
+                f"backward {row['ours_bwd_ms']:7.1f} / {row['torch_bwd_ms']:7.1f}")
     if "memory_sweep" in r:
         lines += ["", "XLA buffers of the train step (MB)   batch  remat      temp  arguments"]
         for m in r["memory_sweep"]:
@@ -785,6 +917,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                    help="skip the warm-cache compile subprocess")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch threads (default: the CPUs this process may use)")
+    p.add_argument("--conv-layers", action="store_true",
+                   help="with --compare timm: also time each convolution of the network "
+                        "alone, forward and backward, ours and PyTorch's")
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._probe is not None:
@@ -793,6 +928,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     opts = Options(**{k: v for k, v in vars(args).items() if k in fields})
     if opts.steps < 1 or opts.batch < 1 or opts.warmup < 0:
         p.error("--steps and --batch must be positive, --warmup non-negative")
+    if opts.conv_layers and opts.compare != "timm":
+        p.error("--conv-layers compares with PyTorch: add --compare timm")
     return opts, args
 
 

@@ -28,7 +28,8 @@ def result(tmp_path_factory):
     cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--model", "googlenet",
            "--batch", "2", "--image-size", "32", "--depth-multiplier", "0.25",
            "--num-classes", "10", "--compare", "timm", "--steps", "2", "--warmup", "1",
-           "--pipeline-batches", "2", "--matmul-size", "128", "--json", str(out)]
+           "--pipeline-batches", "2", "--matmul-size", "128", "--conv-layers",
+           "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,6 +84,39 @@ def test_ratios_and_rates_are_computed_from_the_same_figures(result):
         6 * r["model"]["train_forward_macs_per_image"])
 
 
+def test_every_convolution_is_timed_alone_next_to_pytorch(result):
+    r, stdout = result
+    cl = r["conv_layers"]
+    # GoogLeNet trains 57 convolutions in the trunk and 1 in each of its 2 aux heads.
+    assert cl["convolutions"] == 59 and cl["per_device_batch"] == 1
+    assert sum(row["count"] for row in cl["rows"]) == 59 and cl["distinct"] == len(cl["rows"])
+    for row in cl["rows"]:
+        assert len(row["input"]) == 4 and row["input"][-1] == row["kernel"][2]
+        for key in ("ours_fwd_ms", "ours_bwd_ms", "torch_fwd_ms", "torch_bwd_ms"):
+            assert _positive(row[key]), (row, key)
+    for key in ("ours_fwd_ms", "ours_bwd_ms", "torch_fwd_ms", "torch_bwd_ms"):
+        assert cl[key] == pytest.approx(sum(row["count"] * row[key] for row in cl["rows"]))
+    gaps = [row["count"] * (row["ours_fwd_ms"] + row["ours_bwd_ms"] - row["torch_fwd_ms"]
+                            - row["torch_bwd_ms"]) for row in cl["rows"]]
+    assert gaps == sorted(gaps, reverse=True)
+    assert "convolutions alone (59, " in stdout
+
+
+def test_scanned_convolutions_count_once_per_iteration():
+    import jax
+    import jax.numpy as jnp
+
+    from inception_flax import models
+    net = models.create_model("inception_resnet_v2", num_classes=10, depth_multiplier=0.25)
+    convs = benchmark.network_convolutions(net, 1, 75)
+    params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))["params"]
+    # One 4-D kernel per convolution; a scanned block's kernels gain a leading axis.
+    kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if path[-1].key == "kernel" and leaf.ndim >= 4]
+    assert sum(c["count"] for c in convs) == sum(s[0] if len(s) == 5 else 1 for s in kernels)
+    assert max(c["count"] for c in convs) >= 20  # Block17 runs 20 times
+
+
 def test_table_is_printed(result):
     r, stdout = result
     assert stdout.strip().endswith(benchmark.format_table(r).strip().splitlines()[-1].strip())
@@ -104,6 +138,8 @@ def test_cli_options():
     assert config.model.scan_unroll == 20 and not config.model.aux_logits
     assert config.model.residual_scales == (0.17, 0.10, 0.20)  # the network's own recipe
     assert not config.model.remat  # the config's default stands unless --remat is given
+    with pytest.raises(SystemExit):  # the per-convolution comparison needs PyTorch
+        benchmark.parse_args(["--conv-layers"])
     opts, _ = benchmark.parse_args(["--model", "inception_v4", "--remat", "--memory-sweep"])
     assert opts.remat is True and opts.memory_sweep is True
     assert benchmark.load_config(opts).model.remat is True

@@ -359,30 +359,56 @@ def max_pool(x: jax.Array, k: int, s: int, padding: Padding = "VALID") -> jax.Ar
     return _max_pool(x, k, s, _pool_pads(x, k, s, padding))
 
 
+def _box_sum(x: jax.Array, k: int) -> jax.Array:
+    """Sum over each k x k window, zero padding k // 2 on every side (k odd): separable."""
+    h = k // 2
+    xp = jnp.pad(x, ((0, 0), (h, h), (h, h), (0, 0)))
+    rows = sum(xp[:, a:a + x.shape[1]] for a in range(k))
+    return sum(rows[:, :, b:b + x.shape[2]] for b in range(k))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _same_avg_pool(x: jax.Array, k: int, include_pad: bool) -> jax.Array:
+    return _box_sum(x, k) * _inverse_counts(x, k, include_pad)
+
+
+def _inverse_counts(x: jax.Array, k: int, include_pad: bool) -> jax.Array:
+    """1 / (number of averaged values) at each output position, a constant."""
+    if include_pad:
+        return jnp.asarray(1.0 / (k * k), x.dtype)
+    h = k // 2
+    ones = np.pad(np.ones(x.shape[1:3], np.float32), h)
+    counts = sum(ones[a:a + x.shape[1]] for a in range(k))
+    counts = sum(counts[:, b:b + x.shape[2]] for b in range(k))
+    return jnp.asarray(1.0 / counts, x.dtype)[None, :, :, None]
+
+
+def _same_avg_pool_fwd(x, k, include_pad):
+    return _same_avg_pool(x, k, include_pad), None
+
+
+def _same_avg_pool_bwd(k, include_pad, _, g):
+    # The zero-padded box sum is its own adjoint (symmetric window, symmetric padding),
+    # so the gradient is the forward computation applied to g / counts.
+    return (_box_sum(g * _inverse_counts(g, k, include_pad), k),)
+
+
+_same_avg_pool.defvjp(_same_avg_pool_fwd, _same_avg_pool_bwd)
+
+
 def avg_pool(x: jax.Array, k: int, s: int = 1, padding: Padding = "SAME",
              count_include_pad: bool = False) -> jax.Array:
     """Average pool; `count_include_pad=False` is TF's 'SAME' behaviour.
 
-    The stride-1 pools of the Inception blocks are sums of shifted views divided by
-    a constant map of window sizes (elementwise, no reduce-window).
+    The stride-1 "SAME" pools of the Inception blocks are separable sums of shifted
+    views times a constant map of window sizes, forward and backward (no
+    reduce-window, whose XLA:CPU loops are several times slower).
     """
+    if padding == "SAME" and s == 1 and k % 2 == 1:
+        return _same_avg_pool(x, k, count_include_pad)
     if padding == "SAME" and s == 1:
         padding = ((k // 2, k // 2), (k // 2, k // 2))
-    if s != 1:
-        return nn.avg_pool(x, (k, k), (s, s), padding=padding,
-                           count_include_pad=count_include_pad)
-    pads = _pool_pads(x, k, s, padding)
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    out = (xp.shape[1] - k + 1, xp.shape[2] - k + 1)
-    # Separable: k shifted rows, then k shifted columns.
-    rows = sum(xp[:, a:a + out[0]] for a in range(k))
-    total = sum(rows[:, :, b:b + out[1]] for b in range(k))
-    if count_include_pad:
-        return total / (k * k)
-    ones = np.pad(np.ones(x.shape[1:3], np.float32), pads)
-    counts = sum(ones[a:a + out[0]] for a in range(k))
-    counts = sum(counts[:, b:b + out[1]] for b in range(k))
-    return total * jnp.asarray(1.0 / counts, x.dtype)[None, :, :, None]
+    return nn.avg_pool(x, (k, k), (s, s), padding=padding, count_include_pad=count_include_pad)
 
 
 def ceil_pool_padding(size: int, k: int, s: int, pad: int) -> tuple[int, int]:
