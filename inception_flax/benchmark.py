@@ -527,34 +527,17 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
 # ----------------------------------------------------------------------------
 
 def network_convolutions(model, batch: int, image_size: int) -> list[dict[str, Any]]:
-    """Every convolution of a train-mode forward pass: shapes, strides, padding, count.
+    """Every convolution of the forward pass the model trains with: shapes, strides, padding,
+    count. Convolutions inside `nn.scan` bodies count once per iteration."""
+    from inception_flax.models import summary
 
-    Convolutions inside `nn.scan` bodies count once per iteration.
-    """
-    import jax
-
-    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), model.dtype)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, False), images)
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(
-        v, x, True, mutable=["batch_stats", "intermediates"],
-        rngs={"dropout": jax.random.key(0)}))(variables, images)
+    jaxpr = summary.forward_jaxpr(model, image_size, batch)[0]
     found: dict[tuple, int] = {}
-
-    def walk(jp, times: int) -> None:
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                p = eqn.params
-                key = (tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape),
-                       tuple(p["window_strides"]), tuple(map(tuple, p["padding"])))
-                found[key] = found.get(key, 0) + times
-            inner = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        walk(sub, inner)
-
-    walk(jaxpr.jaxpr, 1)
+    for eqn, _, times in summary.walk_ops(jaxpr.jaxpr):
+        if eqn.primitive.name == "conv_general_dilated":
+            key = (tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape),
+                   tuple(eqn.params["window_strides"]), tuple(map(tuple, eqn.params["padding"])))
+            found[key] = found.get(key, 0) + times
     return [{"input": list(x), "kernel": list(w), "strides": list(st),
              "padding": [list(p) for p in pad], "count": n}
             for (x, w, st, pad), n in found.items()]
@@ -571,12 +554,10 @@ def bench_conv_layers(opts: Options, config) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from inception_flax import models
+    from inception_flax import trainer
 
     torch.set_num_threads(opts.threads or cpu_threads())
-    model = models.create_model(
-        config.model.name, num_classes=opts.num_classes, dtype=opts.dtype,
-        **{k: config.model[k] for k in ("depth_multiplier", "aux_logits", "scan_unroll")})
+    model = trainer.create_model(config, opts.num_classes)
     per_device = max(1, opts.batch // jax.device_count())
     rng = np.random.default_rng(0)
     rows = [{**c, **_time_conv(opts, c, rng)}

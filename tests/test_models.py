@@ -220,6 +220,7 @@ def test_avg_pool_and_its_gradient_equal_flax(include_pad):
 
     def loss(pool):
         return lambda x: jnp.sum(jnp.sin(pool(x)))
+
     def ours(x):
         return avg_pool(x, 3, count_include_pad=include_pad)
 

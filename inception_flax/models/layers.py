@@ -359,10 +359,13 @@ def max_pool(x: jax.Array, k: int, s: int, padding: Padding = "VALID") -> jax.Ar
     return _max_pool(x, k, s, _pool_pads(x, k, s, padding))
 
 
-def _box_sum(x: jax.Array, k: int) -> jax.Array:
-    """Sum over each k x k window, zero padding k // 2 on every side (k odd): separable."""
+def _box_sum(x: jax.Array, k: int, xnp=jnp) -> jax.Array:
+    """Sum over each k x k window, zero padding k // 2 on every side (k odd): separable.
+
+    `xnp` is jax.numpy, or numpy for constants known when tracing.
+    """
     h = k // 2
-    xp = jnp.pad(x, ((0, 0), (h, h), (h, h), (0, 0)))
+    xp = xnp.pad(x, ((0, 0), (h, h), (h, h), (0, 0)))
     rows = sum(xp[:, a:a + x.shape[1]] for a in range(k))
     return sum(rows[:, :, b:b + x.shape[2]] for b in range(k))
 
@@ -376,11 +379,8 @@ def _inverse_counts(x: jax.Array, k: int, include_pad: bool) -> jax.Array:
     """1 / (number of averaged values) at each output position, a constant."""
     if include_pad:
         return jnp.asarray(1.0 / (k * k), x.dtype)
-    h = k // 2
-    ones = np.pad(np.ones(x.shape[1:3], np.float32), h)
-    counts = sum(ones[a:a + x.shape[1]] for a in range(k))
-    counts = sum(counts[:, b:b + x.shape[2]] for b in range(k))
-    return jnp.asarray(1.0 / counts, x.dtype)[None, :, :, None]
+    counts = _box_sum(np.ones((1, *x.shape[1:3], 1), np.float32), k, np)
+    return jnp.asarray(1.0 / counts, x.dtype)
 
 
 def _same_avg_pool_fwd(x, k, include_pad):

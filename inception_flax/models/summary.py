@@ -72,27 +72,25 @@ def _xla_macs(prim: Any, params: tuple, shapes: tuple) -> float:
     return jax.jit(op).lower(*args).cost_analysis()["flops"] / 2
 
 
-def _walk(jaxpr: jcore.Jaxpr, prefix: str, mult: int, totals: dict[str, float]) -> None:
+def walk_ops(jaxpr: jcore.Jaxpr, prefix: str = "", mult: int = 1):
+    """(equation, name stack, times it runs) for every op, nested jaxprs included.
+
+    The body of a `scan` runs `length` times per run of the scan.
+    """
     for eqn in jaxpr.eqns:
         scope = str(eqn.source_info.name_stack)
         stack = f"{prefix}/{scope}" if prefix else scope
-        name = eqn.primitive.name
-        if name in ("conv_general_dilated", "dot_general"):
-            shapes = tuple(tuple(v.aval.shape) for v in eqn.invars)
-            macs = _xla_macs(eqn.primitive, tuple(sorted(eqn.params.items())), shapes)
-            block = _block_of(stack)
-            totals[block] = totals.get(block, 0.0) + mult * macs
-            continue
-        inner_mult = mult * eqn.params["length"] if name == "scan" else mult
+        yield eqn, stack, mult
+        inner_mult = mult * eqn.params["length"] if eqn.primitive.name == "scan" else mult
         for value in eqn.params.values():
             if isinstance(value, jcore.ClosedJaxpr):
-                _walk(value.jaxpr, stack, inner_mult, totals)
+                yield from walk_ops(value.jaxpr, stack, inner_mult)
             elif isinstance(value, jcore.Jaxpr):
-                _walk(value, stack, inner_mult, totals)
+                yield from walk_ops(value, stack, inner_mult)
 
 
-def summarize(model: InceptionNet, image_size: int, batch: int = 1) -> Summary:
-    """One row per top-level block, in execution order, and the logits' shape."""
+def forward_jaxpr(model: InceptionNet, image_size: int, batch: int = 1, capture=None):
+    """The jaxpr of a forward pass (train mode when the model has aux heads), with its inputs."""
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(
         lambda x: model.init(jax.random.key(0), x, train=False), images)
@@ -101,12 +99,23 @@ def summarize(model: InceptionNet, image_size: int, batch: int = 1) -> Summary:
     def forward(v, x):
         return model.apply(
             v, x, train=train, mutable=["batch_stats", "intermediates"],
-            rngs={"dropout": jax.random.key(0)},
-            capture_intermediates=lambda m, method: len(m.path) == 1 and method == "__call__")
+            rngs={"dropout": jax.random.key(0)}, capture_intermediates=capture or False)
 
-    jaxpr = jax.make_jaxpr(forward)(variables, images)
+    return jax.make_jaxpr(forward)(variables, images), forward, variables, images
+
+
+def summarize(model: InceptionNet, image_size: int, batch: int = 1) -> Summary:
+    """One row per top-level block, in execution order, and the logits' shape."""
+    jaxpr, forward, variables, images = forward_jaxpr(
+        model, image_size, batch,
+        capture=lambda m, method: len(m.path) == 1 and method == "__call__")
     macs: dict[str, float] = {}
-    _walk(jaxpr.jaxpr, "", 1, macs)
+    for eqn, stack, mult in walk_ops(jaxpr.jaxpr):
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            shapes = tuple(tuple(v.aval.shape) for v in eqn.invars)
+            block = _block_of(stack)
+            macs[block] = macs.get(block, 0.0) + mult * _xla_macs(
+                eqn.primitive, tuple(sorted(eqn.params.items())), shapes)
     logits, state = jax.eval_shape(forward, variables, images)
     shapes = {}
     for key, value in state["intermediates"].items():
