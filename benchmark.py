@@ -6,6 +6,11 @@ the measured matmul rate, optionally next to timm, and the input pipeline alone.
 `python benchmark.py --help` lists the options; see inception_flax/benchmark.py.
 """
 
+if __name__ == "__main__":  # before JAX is imported: see inception_flax/hugepages.py
+    from inception_flax import hugepages
+
+    hugepages.reexec()
+
 import sys
 
 from inception_flax.benchmark import main

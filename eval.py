@@ -5,6 +5,11 @@ run kept one), or `--checkpoint=PATH` (a run's workdir or converted weights).
 Prints top-1 / top-5 and writes them to DIR/eval for TensorBoard.
 """
 
+if __name__ == "__main__":  # before JAX is imported: see inception_flax/hugepages.py
+    from inception_flax import hugepages
+
+    hugepages.reexec()
+
 import json
 import sys
 

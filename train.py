@@ -6,6 +6,11 @@ through `jax.distributed.initialize` (automatic on TPU pods and SLURM / Open MPI
 otherwise pass --coordinator_address, --num_processes and --process_id).
 """
 
+if __name__ == "__main__":  # before JAX is imported: see inception_flax/hugepages.py
+    from inception_flax import hugepages
+
+    hugepages.reexec()
+
 import sys
 
 from absl import app, flags, logging

@@ -27,6 +27,11 @@ one process and side by side:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m inception_flax.benchmark`: see hugepages.py
+    from inception_flax import hugepages
+
+    hugepages.reexec()
+
 import argparse
 import contextlib
 import dataclasses
@@ -43,6 +48,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from inception_flax import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `configs` lives at the repository root
@@ -704,7 +711,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
         "steps": opts.steps, "warmup": opts.warmup,
         "backend": jax.default_backend(), "devices": jax.device_count(),
         "cpu_threads": cpu_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "jax": jax.__version__}}
+        "huge_page_malloc": hugepages.active(), "jax": jax.__version__}}
 
     log("counting multiply-adds")
     infer_macs = summary.summarize(ours.model.clone(aux_logits=False), config.image_size).macs
@@ -786,7 +793,8 @@ def format_table(r: dict[str, Any]) -> str:
         (f"{c['model']}  batch {c['batch']}  {c['image_size']}x{c['image_size']}  {c['dtype']}  "
         f"depth x{c['depth_multiplier']}  scan_unroll {c['scan_unroll']}  "
         f"aux {_fmt(c['aux_logits'])}  {c['optimizer']}  "
-        f"{c['devices']} {c['backend']} device(s), {c['cpu_threads']} CPU threads"),
+        f"{c['devices']} {c['backend']} device(s), {c['cpu_threads']} CPU threads, "
+        f"huge-page malloc {'on' if c.get('huge_page_malloc') else 'off'}"),
         (f"params {m['params']:,}   {m['macs_per_image'] / 1e9:.3f} GMACs/image (inference), "
         f"{m['train_forward_macs_per_image'] / 1e9:.3f} with aux heads; train step = 3x forward"),
         f"machine: {r['machine']['matmul_size']}^2 matmul {r['machine']['matmul_gflops']:.1f} "

@@ -1,0 +1,92 @@
+"""Transparent huge pages for the buffers XLA:CPU allocates on every step.
+
+XLA:CPU takes each step's temporaries (gigabytes for a 299 px batch) from
+`malloc`. glibc serves blocks that large with a fresh `mmap` and returns them
+with `munmap` when the step ends, so the next step faults every 4 KiB page in
+again: about half a million page faults per Inception v3 step at batch 16, a
+second of kernel time spread over the two cores of the machine we measured
+(README, "What makes it fast on a CPU"). glibc 2.35 and later can ask for
+transparent huge pages on those blocks (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`),
+which takes the faults to a few thousand. The dynamic loader reads that
+variable only when a process starts, so the command-line entry points (train,
+eval, sweep, benchmark) re-execute themselves once with it set, before they
+import JAX. `INCEPTION_FLAX_HUGEPAGES=0` turns this off; a `glibc.malloc.hugetlb`
+setting of your own in GLIBC_TUNABLES is kept as it is. In a notebook or your
+own script, export the variable before starting Python.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+TUNABLE = "glibc.malloc.hugetlb"
+OPT_OUT = "INCEPTION_FLAX_HUGEPAGES"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the running glibc, or None (another C library, or not Linux)."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, OSError, TypeError, ValueError):
+        return None
+
+
+def thp_mode(path: str = THP_MODE_FILE) -> str | None:
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or None."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def active(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process was started with the tunable (its value is not checked)."""
+    return TUNABLE in environ.get("GLIBC_TUNABLES", "")
+
+
+def environment(environ: Mapping[str, str] = os.environ,
+                libc: tuple[int, int] | None = None, mode: str | None = None
+                ) -> dict[str, str] | None:
+    """The environment to re-execute with, or None when there is nothing to gain.
+
+    None when the user opted out, already set the tunable, or when glibc (older
+    than 2.35: no such tunable) or the kernel (huge pages "never") cannot use it.
+    """
+    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if active(environ):
+        return None
+    libc = glibc_version() if libc is None else libc
+    mode = thp_mode() if mode is None else mode
+    if libc is None or libc < (2, 35) or mode not in ("always", "madvise"):
+        return None
+    env = dict(environ)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    env["GLIBC_TUNABLES"] = ":".join(tunables + [f"{TUNABLE}=1"])
+    return env
+
+
+def reexec() -> None:
+    """Re-execute this command with huge-page malloc, when `environment` says so.
+
+    Call it first thing in a command-line entry point, before JAX is imported;
+    the new process starts over with the same interpreter, options and arguments.
+    """
+    env = environment()
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError as e:  # carry on without: slower, not wrong
+        print(f"warning: could not re-execute with {TUNABLE}=1 ({e}); continuing without "
+              f"huge pages", file=sys.stderr)
