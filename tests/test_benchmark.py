@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from inception_flax import benchmark
+from inception_flax import benchmark, hugepages
 
 # One worker runs the module: the end-to-end run (the fixture) happens once.
 pytestmark = pytest.mark.xdist_group("benchmark")
@@ -66,6 +66,21 @@ def test_json_has_every_figure(result):
     assert any("depth_multiplier" in n for n in timm["notes"])
     assert _positive(r["pipeline"]["images_per_sec"])
     assert r["bound_by"] in ("input pipeline", "train step")
+    # The subprocess re-executed itself with huge-page malloc where this machine can use it.
+    assert c["huge_page_malloc"] is (hugepages.environment(_without_tunables()) is not None)
+
+
+def _without_tunables():
+    return {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+
+def test_peak_rss_sees_a_short_lived_allocation():
+    import numpy as np
+
+    with benchmark.PeakRss() as rss:
+        block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched, freed before the block ends
+        del block
+    assert rss.peak - rss.before >= 200 * 2**20, (rss.method, rss.before, rss.peak)
 
 
 def test_ratios_and_rates_are_computed_from_the_same_figures(result):
