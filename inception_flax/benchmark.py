@@ -154,6 +154,7 @@ class PeakRss:
 
     def __enter__(self):
         self.before = self.peak = self._sample()
+        self._faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -167,6 +168,9 @@ class PeakRss:
         return self
 
     def __exit__(self, *exc):
+        # Minor page faults: memory the process touched for the first time (or again,
+        # after the allocator gave it back to the kernel).
+        self.minor_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self._faults
         if self._thread is None:
             self.peak = max(self.peak, (self._status_kb("VmHWM") or 0) * 1024)
             return
@@ -395,6 +399,7 @@ def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, 
     out["peak_rss_mb"] = _mb(rss.peak)
     out["peak_rss_method"] = rss.method
     out["rss_before_mb"] = _mb(rss.before)
+    out["train_page_faults_per_step"] = rss.minor_faults / (opts.steps + opts.warmup)
     out["device_peak_mb"] = _mb(device_peak_bytes())
 
     state = trainer.make_reconcile(holder["state"])(holder["state"])
@@ -549,6 +554,7 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
     out["peak_rss_mb"] = _mb(rss.peak)
     out["peak_rss_method"] = rss.method
     out["rss_before_mb"] = _mb(rss.before)
+    out["train_page_faults_per_step"] = rss.minor_faults / (opts.steps + opts.warmup)
 
     model.eval()
 
@@ -849,6 +855,7 @@ def format_table(r: dict[str, Any]) -> str:
         ("compile cold s", "compile_cold_s", 2),
         ("compile warm cache s", "compile_warm_s", 2),
         ("peak RSS MB (train)", "peak_rss_mb", 0),
+        ("page faults/train step", "train_page_faults_per_step", 0),
         ("device peak MB", "device_peak_mb", 0),
         ("XLA temp buffers MB", "xla_temp_mb", 0),
     ]

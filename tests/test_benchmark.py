@@ -54,6 +54,9 @@ def test_json_has_every_figure(result):
                 "infer_fraction_of_matmul", "peak_rss_mb"):
         assert _positive(ours[key]), key
         assert _positive(timm[key]), key
+    for d in (ours, timm):
+        faults = d["train_page_faults_per_step"]
+        assert isinstance(faults, float) and faults >= 0
     for key in ("lower_s", "compile_cold_s", "compile_warm_s", "xla_temp_mb"):
         assert _positive(ours[key]), key
     # Whether the subprocess found the cold compile's entry: reported, not required (a
@@ -81,6 +84,8 @@ def test_peak_rss_sees_a_short_lived_allocation():
         block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched, freed before the block ends
         del block
     assert rss.peak - rss.before >= 200 * 2**20, (rss.method, rss.before, rss.peak)
+    # Touching 256 MiB faults in at least 128 pages, even with 2 MiB huge pages.
+    assert rss.minor_faults >= 128
 
 
 def test_ratios_and_rates_are_computed_from_the_same_figures(result):
