@@ -11,7 +11,8 @@ one process and side by side:
 - the train step's compile time, cold (fresh persistent cache) and warm (a fresh
   subprocess reading the persistent cache the cold compile wrote);
 - memory: device `memory_stats()` peaks where the backend has them, otherwise
-  the process's peak resident set size sampled during the timed steps, and
+  the process's peak resident set size during the timed steps (the kernel's
+  high-water mark, see `PeakRss`) and its page faults per train step, and
   XLA's static buffer sizes of the compiled step;
 - multiply-adds per image (`models.summary`) and the fraction of the machine's
   measured dense matmul rate the step achieves (a train step is counted as
@@ -26,11 +27,6 @@ one process and side by side:
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__":  # `python -m inception_flax.benchmark`: see hugepages.py
-    from inception_flax import hugepages
-
-    hugepages.reexec()
 
 import argparse
 import contextlib
@@ -987,4 +983,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hugepages.reexec()  # `python -m inception_flax.benchmark`: before JAX is imported
     sys.exit(main())

@@ -8,9 +8,9 @@ second of kernel time spread over the two cores of the machine we measured
 (README, "What makes it fast on a CPU"). glibc 2.35 and later can ask for
 transparent huge pages on those blocks (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`),
 which takes the faults to a few thousand. The dynamic loader reads that
-variable only when a process starts, so the command-line entry points (train,
-eval, sweep, benchmark) re-execute themselves once with it set, before they
-import JAX. `INCEPTION_FLAX_HUGEPAGES=0` turns this off; a `glibc.malloc.hugetlb`
+variable only when a process starts, so the command-line entry points
+(train.py, eval.py, benchmark.py; sweep.py runs train.py) re-execute themselves
+once with it set, before they import JAX. `INCEPTION_FLAX_HUGEPAGES=0` turns this off; a `glibc.malloc.hugetlb`
 setting of your own in GLIBC_TUNABLES is kept as it is. In a notebook or your
 own script, export the variable before starting Python.
 """
