@@ -174,6 +174,12 @@ class PeakRss:
         self._thread.join()
         self.peak = max(self.peak, self._sample())
 
+    def report(self, steps: int) -> dict[str, Any]:
+        """The figures of a block that ran `steps` train steps, for the benchmark's JSON."""
+        return {"peak_rss_mb": _mb(self.peak), "peak_rss_method": self.method,
+                "rss_before_mb": _mb(self.before),
+                "train_page_faults_per_step": self.minor_faults / steps}
+
 
 def _mb(x: float | None) -> float | None:
     return None if x is None else x / 2**20
@@ -392,10 +398,7 @@ def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, 
     metrics = jax.device_get(holder["metrics"])
     out["train_loss"] = float(metrics["loss"])
     out["train_finite"] = bool(metrics["finite"] > 0)
-    out["peak_rss_mb"] = _mb(rss.peak)
-    out["peak_rss_method"] = rss.method
-    out["rss_before_mb"] = _mb(rss.before)
-    out["train_page_faults_per_step"] = rss.minor_faults / (opts.steps + opts.warmup)
+    out.update(rss.report(opts.steps + opts.warmup))
     out["device_peak_mb"] = _mb(device_peak_bytes())
 
     state = trainer.make_reconcile(holder["state"])(holder["state"])
@@ -547,10 +550,7 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
     with PeakRss() as rss:
         times = _median_times(train_step, opts.steps, opts.warmup)
     out.update(_rates(times, batch, flops["train"], "train"))
-    out["peak_rss_mb"] = _mb(rss.peak)
-    out["peak_rss_method"] = rss.method
-    out["rss_before_mb"] = _mb(rss.before)
-    out["train_page_faults_per_step"] = rss.minor_faults / (opts.steps + opts.warmup)
+    out.update(rss.report(opts.steps + opts.warmup))
 
     model.eval()
 

@@ -10,9 +10,10 @@ transparent huge pages on those blocks (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`)
 which takes the faults to a few thousand. The dynamic loader reads that
 variable only when a process starts, so the command-line entry points
 (train.py, eval.py, benchmark.py; sweep.py runs train.py) re-execute themselves
-once with it set, before they import JAX. `INCEPTION_FLAX_HUGEPAGES=0` turns this off; a `glibc.malloc.hugetlb`
-setting of your own in GLIBC_TUNABLES is kept as it is. In a notebook or your
-own script, export the variable before starting Python.
+once with it set, before they import JAX. `INCEPTION_FLAX_HUGEPAGES=0` turns
+this off; a `glibc.malloc.hugetlb` setting of your own in GLIBC_TUNABLES is kept
+as it is. In a notebook or your own script, export the variable before starting
+Python.
 """
 
 from __future__ import annotations
@@ -47,9 +48,18 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def _setting(environ: Mapping[str, str]) -> str | None:
+    """The value GLIBC_TUNABLES gives the tunable, or None when it does not name it."""
+    for item in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name == TUNABLE:
+            return value
+    return None
+
+
 def active(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process was started with the tunable (its value is not checked)."""
-    return TUNABLE in environ.get("GLIBC_TUNABLES", "")
+    """Whether this process was started with huge-page malloc turned on."""
+    return _setting(environ) not in (None, "0")
 
 
 def environment(environ: Mapping[str, str] = os.environ,
@@ -62,7 +72,7 @@ def environment(environ: Mapping[str, str] = os.environ,
     """
     if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if active(environ):
+    if _setting(environ) is not None:  # the user's own choice, whatever it is
         return None
     libc = glibc_version() if libc is None else libc
     mode = thp_mode() if mode is None else mode

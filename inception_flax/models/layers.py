@@ -323,12 +323,18 @@ def _taps(xp: jax.Array, k: int, s: int, out: tuple[int, int]):
                 (1, s, s, 1))
 
 
+def _pad_for_max(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """x padded with -inf on its spatial sides (no copy when there is no padding)."""
+    if not any(lo or hi for lo, hi in pads):
+        return x
+    return jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x: jax.Array, k: int, s: int, pads: tuple[tuple[int, int], ...]) -> jax.Array:
     # The maximum of the k*k strided views: one elementwise loop, 2.4x faster on XLA:CPU
     # than its `reduce_window` (16x147x147x64, 3x3, stride 2: 5.6 against 13.2 ms).
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf) if any(
-        lo or hi for lo, hi in pads) else x
+    xp = _pad_for_max(x, pads)
     out = tuple((xp.shape[i] - k) // s + 1 for i in (1, 2))
     return functools.reduce(jnp.maximum, (view for _, _, view in _taps(xp, k, s, out)))
 
@@ -340,7 +346,7 @@ def _max_pool_fwd(x, k, s, pads):
 
 def _max_pool_bwd(k, s, pads, res, g):
     x, y = res
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    xp = _pad_for_max(x, pads)
     taken = jnp.zeros(y.shape, bool)
     dxp = jnp.zeros(xp.shape, g.dtype)
     zero = jnp.zeros((), g.dtype)
