@@ -231,6 +231,27 @@ def test_avg_pool_and_its_gradient_equal_flax(include_pad):
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k,s,hw", [(5, 3, (17, 17)), (5, 3, (14, 16)), (3, 2, (9, 8))])
+def test_valid_avg_pool_and_its_gradient_equal_flax(k, s, hw):
+    """The auxiliary heads' pool (5x5, stride 3) as strided views: same values and
+    gradient as `nn.avg_pool`, and no reduce-window left in the compiled gradient."""
+    x = jax.random.normal(jax.random.key(0), (2, *hw, 3))
+
+    def loss(pool):
+        return lambda x: jnp.sum(jnp.sin(pool(x)))
+
+    def ours(x):
+        return avg_pool(x, k, s, padding="VALID")
+
+    def ref(x):
+        return nn.avg_pool(x, (k, k), (s, s), padding="VALID")
+    assert ours(x).shape == ref(x).shape
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(ref))(x),
+                               rtol=1e-6, atol=1e-6)
+    assert "reduce-window" not in jax.jit(jax.grad(loss(ours))).lower(x).compile().as_text()
+
+
 def test_importing_the_package_keeps_convolutions_out_of_ynnpack():
     """XLA:CPU's YNNPACK convolutions are several times slower than its own here."""
     import os

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from inception_flax.models.layers import (
-    Common, InceptionNet, adaptive_avg_pool, concat, max_pool_ceil)
+    Common, InceptionNet, adaptive_avg_pool, avg_pool, concat, max_pool_ceil)
 
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) per module, paper Table 1.
 MODULES = {
@@ -82,7 +82,7 @@ class AuxHeadV1(nn.Module):
         if self.adaptive or min(x.shape[1], x.shape[2]) < 14:
             x = adaptive_avg_pool(x, 4)
         else:
-            x = nn.avg_pool(x, (5, 5), (3, 3), padding="VALID")
+            x = avg_pool(x, 5, 3, padding="VALID")
         x = c.conv(c.depth(128), 1, name="Conv2d_1x1")(x, train)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(c.dense(1024, name="Fc1")(x))
