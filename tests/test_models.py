@@ -197,6 +197,30 @@ def test_conv_nhwc_gradients_equal_lax(kernel, padding):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((3, 3), (2, 2), "VALID"), ((3, 3), (2, 2), "SAME"), ((1, 1), (2, 2), "VALID"),
+    ((7, 1), (2, 3), "SAME"), ((3, 3), (3, 3), ((0, 1), (2, 0))), ((5, 5), (2, 2), "VALID")])
+def test_strided_conv_gradients_equal_lax_without_dilated_input(kernel, strides, padding):
+    """Strided convolutions: the input gradient by phases equals JAX's, and its
+    compiled form has no lhs-dilated (zero-spread) convolution left."""
+    x = jax.random.normal(jax.random.key(0), (2, 13, 12, 5))
+    w = jax.random.normal(jax.random.key(1), (*kernel, 5, 4))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=dn)))
+    ours = jax.grad(loss(conv_nhwc), (0, 1))(x, w)
+    ref = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    def dilated(conv):  # XLA names the zero-spread convolution, or shows its lhs_dilate
+        hlo = jax.jit(jax.grad(loss(conv))).lower(x, w).compile().as_text()
+        return "lhs_dilate" in hlo or "base-dilated" in hlo
+    assert dilated(jax.lax.conv_general_dilated) and not dilated(conv_nhwc)
+
+
 @pytest.mark.parametrize("k,s,padding", [(3, 2, "VALID"), (3, 1, "SAME"), (3, 2, ((0, 1), (1, 1)))])
 def test_max_pool_gradient_equals_select_and_scatter_including_ties(k, s, padding):
     x = jax.random.normal(jax.random.key(0), (2, 13, 12, 3))
