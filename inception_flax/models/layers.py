@@ -102,7 +102,6 @@ def _strided_input_grad(g: jax.Array, w: jax.Array, x_shape: tuple[int, ...],
                         strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
                         precision) -> jax.Array:
     n, _, _, c = x_shape
-    kh, kw = w.shape[:2]
     size = [x_shape[1 + i] + sum(padding[i]) for i in (0, 1)]  # padded input
     rows_per_phase = [-(-size[i] // strides[i]) for i in (0, 1)]
     phases = []
