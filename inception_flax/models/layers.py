@@ -438,15 +438,20 @@ def max_pool(x: jax.Array, k: int, s: int, padding: Padding = "VALID") -> jax.Ar
     return _max_pool(x, k, s, _pool_pads(x, k, s, padding))
 
 
+def _window_sum(x, k: int, s: int, out: Sequence[int]):
+    """Sum over each k x k window, stride s, `out` windows per side: k strided row views
+    summed, then k strided column views of that (a jax or numpy array)."""
+    rows = sum(x[:, a:a + s * (out[0] - 1) + 1:s] for a in range(k))
+    return sum(rows[:, :, b:b + s * (out[1] - 1) + 1:s] for b in range(k))
+
+
 def _box_sum(x: jax.Array, k: int, xnp=jnp) -> jax.Array:
     """Sum over each k x k window, zero padding k // 2 on every side (k odd): separable.
 
     `xnp` is jax.numpy, or numpy for constants known when tracing.
     """
     h = k // 2
-    xp = xnp.pad(x, ((0, 0), (h, h), (h, h), (0, 0)))
-    rows = sum(xp[:, a:a + x.shape[1]] for a in range(k))
-    return sum(rows[:, :, b:b + x.shape[2]] for b in range(k))
+    return _window_sum(xnp.pad(x, ((0, 0), (h, h), (h, h), (0, 0))), k, 1, x.shape[1:3])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -476,16 +481,12 @@ _same_avg_pool.defvjp(_same_avg_pool_fwd, _same_avg_pool_bwd)
 
 
 def _valid_avg_pool(x: jax.Array, k: int, s: int) -> jax.Array:
-    """k x k average pool, stride s, no padding: k strided row views summed, then k
-    strided column views of that. Its gradient (JAX's, through the slices) is 2k
-    interior-padded adds instead of the reduce-window over the input that XLA:CPU
-    runs for `nn.avg_pool`'s (10x slower on the auxiliary heads' 16x17x17x768 maps)."""
+    """k x k average pool, stride s, no padding, as a separable window sum. Its gradient
+    (JAX's, through the strided slices) is 2k interior-padded adds instead of the
+    reduce-window over the input that XLA:CPU runs for `nn.avg_pool`'s (10x slower on
+    the auxiliary heads' 16x17x17x768 maps)."""
     out = [(x.shape[i] - k) // s + 1 for i in (1, 2)]
-    rows = sum(jax.lax.slice_in_dim(x, a, a + s * (out[0] - 1) + 1, s, axis=1)
-               for a in range(k))
-    cols = sum(jax.lax.slice_in_dim(rows, b, b + s * (out[1] - 1) + 1, s, axis=2)
-               for b in range(k))
-    return cols * jnp.asarray(1.0 / (k * k), x.dtype)
+    return _window_sum(x, k, s, out) * jnp.asarray(1.0 / (k * k), x.dtype)
 
 
 def avg_pool(x: jax.Array, k: int, s: int = 1, padding: Padding = "SAME",
