@@ -211,12 +211,31 @@ def matmul_gflops(n: int, dtype: str, steps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def torch_matmul_gflops(n: int, dtype: str, steps: int = 5) -> float:
+def torch_device() -> str:
+    """PyTorch's side runs where JAX's does: CUDA when JAX runs on a GPU."""
+    import jax
+    import torch
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_timed(fn: Callable[[], Any], device: str) -> Callable[[], None]:
+    """`fn`, then wait for the device: CUDA kernels run asynchronously."""
+    import torch
+    if device == "cpu":
+        return fn
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+    return timed
+
+
+def torch_matmul_gflops(n: int, dtype: str, steps: int = 5, device: str = "cpu") -> float:
     import torch
     tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    a = torch.randn(n, n).to(tdtype)
-    b = torch.randn(n, n).to(tdtype)
-    times = _median_times(lambda: torch.mm(a, b), steps, 1)
+    a = torch.randn(n, n, device=device).to(tdtype)
+    b = torch.randn(n, n, device=device).to(tdtype)
+    times = _median_times(_torch_timed(lambda: torch.mm(a, b), device), steps, 1)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
@@ -491,14 +510,17 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
     threads = opts.threads or cpu_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    device = torch_device()
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as timm's train.py: the fastest algorithms
     ours_aux = bool(config.model.aux_logits)
     aux = ours_aux and torch_has_aux
     size, batch = config.image_size, opts.batch
-    x = torch.rand(batch, 3, size, size).mul_(2).sub_(1).contiguous(
+    x = torch.rand(batch, 3, size, size, device=device).mul_(2).sub_(1).contiguous(
         memory_format=torch.channels_last)
-    y = torch.randint(0, opts.num_classes, (batch,))
+    y = torch.randint(0, opts.num_classes, (batch,), device=device)
     notes = []
-    model = build_torch_model(name, config, opts.num_classes, aux)
+    model = build_torch_model(name, config, opts.num_classes, aux).to(device)
     if aux:  # timm's v3 aux head pools 5x5 with no padding: small images cannot run it
         try:
             with torch.no_grad():
@@ -507,7 +529,7 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
             aux = False
             notes.append(f"{library}'s {ctor} auxiliary head cannot run at {size}x{size}: "
                          "it is left out there, ours trains it")
-            model = build_torch_model(name, config, opts.num_classes, aux)
+            model = build_torch_model(name, config, opts.num_classes, aux).to(device)
     model = model.to(memory_format=torch.channels_last)
     model.train()
     opt = torch_optimizer(config, model.parameters())
@@ -515,7 +537,7 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
     if config.ema_decay > 0:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=config.ema_decay)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.dtype == "bfloat16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=opts.dtype == "bfloat16")
     smoothing, aux_weight = config.label_smoothing, config.aux_loss_weight
 
     def train_step():
@@ -538,7 +560,8 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
             ema.update(model)
 
     out: dict[str, Any] = {
-        "library": library, "model": ctor, "threads": threads, "aux_logits": aux,
+        "library": library, "model": ctor, "device": device, "threads": threads,
+        "torch": torch.__version__, "aux_logits": aux,
         "channels_last": True, "optimizer": type(opt).__name__, "ema": ema is not None}
     if ours_aux and not torch_has_aux:
         notes.append(f"{library}'s {ctor} has no auxiliary head: ours trains one, it does not "
@@ -547,10 +570,14 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
         notes.append(f"{library}'s {ctor} has full width; ours has depth_multiplier "
                      f"{config.model.depth_multiplier}: the ratio is not like-for-like")
     out["notes"] = notes
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with PeakRss() as rss:
-        times = _median_times(train_step, opts.steps, opts.warmup)
+        times = _median_times(_torch_timed(train_step, device), opts.steps, opts.warmup)
     out.update(_rates(times, batch, flops["train"], "train"))
     out.update(rss.report(opts.steps + opts.warmup))
+    if device == "cuda":
+        out["device_peak_mb"] = _mb(torch.cuda.max_memory_allocated())
 
     model.eval()
 
@@ -558,7 +585,7 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
         with torch.inference_mode(), autocast:
             model(x)
 
-    times = _median_times(infer_step, opts.steps, opts.warmup)
+    times = _median_times(_torch_timed(infer_step, device), opts.steps, opts.warmup)
     out.update(_rates(times, batch, flops["infer"], "infer"))
     return out
 
@@ -729,9 +756,10 @@ def run_benchmark(opts: Options, log: Callable[[str], None] = lambda s: None
 
 
 def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]:
+    import flax
     import jax
 
-    from inception_flax.models import summary
+    from inception_flax.models import layers, summary
 
     log(f"building {name} (trainer state and step)")
     ours = build_ours(opts)
@@ -744,8 +772,10 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
         "optimizer": config.optimizer, "ema": config.ema_decay > 0,
         "steps": opts.steps, "warmup": opts.warmup,
         "backend": jax.default_backend(), "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
         "cpu_threads": cpu_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "huge_page_malloc": hugepages.active(), "jax": jax.__version__}}
+        "huge_page_malloc": hugepages.active(), "jax": jax.__version__,
+        "flax": flax.__version__, "kernels": "cpu" if layers.cpu_kernels() else "xla"}}
 
     log("counting multiply-adds")
     infer_macs = summary.summarize(ours.model.clone(aux_logits=False), config.image_size).macs
@@ -777,7 +807,8 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
 
     if opts.compare == "timm":
         log("timm: train and inference steps")
-        machine["torch_matmul_gflops"] = torch_matmul_gflops(opts.matmul_size, opts.dtype)
+        machine["torch_matmul_gflops"] = torch_matmul_gflops(opts.matmul_size, opts.dtype,
+                                                             device=torch_device())
         theirs = bench_torch(opts, config, flops)
         for k in ("train", "infer"):
             theirs[f"{k}_fraction_of_matmul"] = theirs[f"{k}_gflops"] / peak
@@ -827,8 +858,10 @@ def format_table(r: dict[str, Any]) -> str:
         (f"{c['model']}  batch {c['batch']}  {c['image_size']}x{c['image_size']}  {c['dtype']}  "
         f"depth x{c['depth_multiplier']}  scan_unroll {c['scan_unroll']}  "
         f"aux {_fmt(c['aux_logits'])}  {c['optimizer']}  "
-        f"{c['devices']} {c['backend']} device(s), {c['cpu_threads']} CPU threads, "
-        f"huge-page malloc {'on' if c.get('huge_page_malloc') else 'off'}"),
+        f"{c['devices']} {c['backend']} device(s) ({c.get('device_kind', '?')}), "
+        f"{c['cpu_threads']} CPU threads, "
+        f"huge-page malloc {'on' if c.get('huge_page_malloc') else 'off'}, "
+        f"{c.get('kernels', '?')} kernels"),
         (f"params {m['params']:,}   {m['macs_per_image'] / 1e9:.3f} GMACs/image (inference), "
         f"{m['train_forward_macs_per_image'] / 1e9:.3f} with aux heads; train step = 3x forward"),
         f"machine: {r['machine']['matmul_size']}^2 matmul {r['machine']['matmul_gflops']:.1f} "
@@ -959,6 +992,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     opts, args = parse_args(argv)
+    if opts.compare == "timm":
+        # On a GPU, JAX would otherwise take 75% of its memory up front, and PyTorch
+        # shares the device in this process. Set before JAX is imported.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if opts.compare == "timm" and args._probe is None:
         import_torch_stack()  # before anything loads TensorFlow
     if args._probe is not None:

@@ -16,10 +16,9 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
 import flax
 import jax
 from jax.experimental import multihost_utils
@@ -30,7 +29,13 @@ import numpy as np
 import optax
 
 from inception_flax import checkpoint as ckpt_lib
-from inception_flax import input_pipeline, models, optim
+from inception_flax import models, optim
+
+# TensorFlow comes in with the input pipeline and clu's writers, imported inside the
+# functions that read data or write summaries: the model, state and steps need JAX only
+# (benchmark.py runs without TensorFlow where it is not installed).
+if TYPE_CHECKING:
+    from inception_flax import input_pipeline
 
 AXIS = "batch"
 HEAD_MODULES = ("Logits", "AuxLogits", "AuxLogits_4a", "AuxLogits_4d")
@@ -131,6 +136,7 @@ class DataInfo:
 
 def data_info(config: ml_collections.ConfigDict) -> DataInfo:
     """Classes and split sizes, with clear errors for a missing split or dataset."""
+    from inception_flax import input_pipeline
     d = config.dataset
     try:
         if d.prepare and jax.process_index() == 0:
@@ -201,6 +207,7 @@ def create_mesh() -> jax.sharding.Mesh:
 # ----------------------------------------------------------------------------
 
 def preprocessing(config: ml_collections.ConfigDict) -> input_pipeline.Preprocessing:
+    from inception_flax import input_pipeline
     d = config.dataset
     return input_pipeline.Preprocessing(
         area_range=tuple(d.area_range), aspect_ratio_range=tuple(d.aspect_ratio_range),
@@ -257,6 +264,7 @@ class _SumCounter:
 
 def train_dataset(config: ml_collections.ConfigDict, index: int | None = None,
                   count: int | None = None):
+    from inception_flax import input_pipeline
     d = config.dataset
     return input_pipeline.create_split(
         d.name, d.train_split, batch_size=config.batch_size // (count or jax.process_count()),
@@ -267,6 +275,7 @@ def train_dataset(config: ml_collections.ConfigDict, index: int | None = None,
 
 def train_iterator(config: ml_collections.ConfigDict):
     """This process's checkpointable iterator of its slice of each global batch."""
+    from inception_flax import input_pipeline
     shards, procs = input_shards(config), jax.process_count()
     if shards == procs:
         ds, skipped = train_dataset(config)
@@ -280,6 +289,7 @@ def train_iterator(config: ml_collections.ConfigDict):
 
 
 def eval_dataset(config: ml_collections.ConfigDict, info: DataInfo):
+    from inception_flax import input_pipeline
     d = config.dataset
     per_process = config.eval_batch_size // jax.process_count()
     pad_to = None
@@ -634,6 +644,7 @@ def run_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[st
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (resuming from `workdir` if it holds checkpoints); returns the last eval."""
+    from clu import metric_writers, parameter_overview, periodic_actions
     # -- Checks: config, devices, data. Everything before any compile. --
     check_config(config)
     check_devices(config)
@@ -792,6 +803,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None = None,
                         checkpoint: str | None = None) -> dict[str, float]:
     """Top-1 / top-5 of a run's latest checkpoint (or of converted weights)."""
+    from clu import metric_writers
     check_config(config)
     check_devices(config)
     info = data_info(config)

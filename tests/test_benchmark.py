@@ -40,6 +40,7 @@ def test_json_has_every_figure(result):
     r, _ = result
     c = r["config"]
     assert (c["model"], c["batch"], c["image_size"], c["devices"]) == ("inception_v1", 2, 32, 2)
+    assert c["kernels"] == "cpu" and c["device_kind"] and c["flax"]
     assert c["aux_logits"] and c["depth_multiplier"] == 0.25
     for key in ("params", "macs_per_image", "train_forward_macs_per_image",
                 "train_flops_per_image", "infer_flops_per_image"):
@@ -64,6 +65,7 @@ def test_json_has_every_figure(result):
     assert isinstance(ours["warm_cache_hit"], bool) and ours["cache_entries"]
     assert ours["device_peak_mb"] is None  # the CPU backend has no allocator statistics
     assert timm["library"] == "torchvision" and timm["model"] == "googlenet"
+    assert timm["device"] == "cpu"  # PyTorch runs where JAX does
     assert timm["aux_logits"] is True and timm["channels_last"] is True
     assert timm["threads"] >= 1 and timm["optimizer"] == "SGD"  # googlenet's config: SGD
     assert any("depth_multiplier" in n for n in timm["notes"])
@@ -185,3 +187,33 @@ def test_networks_without_a_timm_counterpart_fail_clearly():
     with pytest.raises(ValueError, match="no timm / torchvision counterpart of bn_inception"):
         benchmark.run_benchmark(benchmark.Options(model="bn_inception", batch=2,
                                                   compare="timm"))
+
+
+_WITHOUT_TENSORFLOW = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Refuse())
+from inception_flax import benchmark
+code = benchmark.main(sys.argv[1:])
+assert "tensorflow" not in sys.modules and "clu" not in sys.modules
+sys.exit(code)
+"""
+
+
+def test_the_step_builds_and_runs_without_tensorflow(tmp_path):
+    """GPU machines often have JAX and PyTorch but not TensorFlow: the model, the train
+    and eval steps and the benchmark (without its input-pipeline part) need JAX only."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-c", _WITHOUT_TENSORFLOW, "--model", "googlenet", "--batch", "2",
+           "--image-size", "32", "--depth-multiplier", "0.25", "--num-classes", "10",
+           "--steps", "1", "--warmup", "0", "--pipeline-batches", "0", "--matmul-size", "64",
+           "--no-warm-compile", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["ours"]["train_finite"] and _positive(r["ours"]["train_images_per_sec"])
+    assert "pipeline" not in r

@@ -286,6 +286,45 @@ def test_importing_the_package_keeps_convolutions_out_of_ynnpack():
     assert " convolution(" in hlo and "__ynn_fusion" not in hlo
 
 
+class _ConvsAndPools(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = ConvBN(6, 3, name="a")(x, train)
+        x = ConvBN(6, 3, strides=2, padding="VALID", name="b")(x, train)
+        x = max_pool(x, 3, 2) + avg_pool(x, 3, 2, padding="VALID")
+        return ConvBN(4, 1, name="c")(avg_pool(x, 3) + max_pool(x, 3, 1, "SAME"), train)
+
+
+@pytest.mark.parametrize("choice", ["cpu", "xla"])
+def test_kernel_choice_gives_the_same_network(monkeypatch, choice):
+    """INCEPTION_FLAX_KERNELS=xla (the default off the CPU) runs the plain lax / Flax
+    convolutions and pools; the CPU forms are custom VJPs. Same values, same gradients."""
+    model = _ConvsAndPools()
+    x = jax.random.normal(jax.random.key(0), (2, 15, 14, 3))
+    variables = model.init(jax.random.key(1), x, False)
+
+    def loss(params):
+        y, _ = model.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y))
+
+    def run(kernels):
+        monkeypatch.setenv("INCEPTION_FLAX_KERNELS", kernels)
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+        return jax.value_and_grad(loss)(variables["params"]), "custom_vjp" in jaxpr
+    (value, grads), custom = run(choice)
+    (ref_value, ref_grads), _ = run("cpu" if choice == "xla" else "xla")
+    assert custom == (choice == "cpu")
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_kernel_choice_is_named(monkeypatch):
+    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "gpu")
+    with pytest.raises(ValueError, match="INCEPTION_FLAX_KERNELS='gpu'.*auto, cpu, xla"):
+        max_pool(jnp.ones((1, 5, 5, 1)), 3, 2)
+
+
 class _Conv3(nn.Module):
     @nn.compact
     def __call__(self, x, train):

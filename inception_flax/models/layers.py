@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
@@ -29,6 +30,33 @@ dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 def pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
+
+
+# ----------------------------------------------------------------------------
+# Which forms of convolution and pooling
+# ----------------------------------------------------------------------------
+#
+# The custom gradients and pools below are written for XLA:CPU's kernels. GPUs and
+# TPUs have fast convolutions for every dimension order and fast window reductions,
+# and XLA lays them out itself: there the plain `lax` / Flax operations are used.
+
+KERNELS_ENV = "INCEPTION_FLAX_KERNELS"
+KERNELS = ("auto", "cpu", "xla")
+
+
+def cpu_kernels() -> bool:
+    """Whether convolutions and pools take this module's XLA:CPU forms.
+
+    `INCEPTION_FLAX_KERNELS`: "auto" (the default) when JAX's default backend is the
+    CPU; "cpu" or "xla" force one side. It is read when a network is traced.
+    """
+    choice = os.environ.get(KERNELS_ENV, "auto") or "auto"
+    if choice not in KERNELS:
+        raise ValueError(f"{KERNELS_ENV}={choice!r} is not a kernel choice: set it to one of "
+                         f"{', '.join(KERNELS)} (or unset it)")
+    if choice == "auto":
+        return jax.default_backend() == "cpu"
+    return choice == "cpu"
 
 
 # ----------------------------------------------------------------------------
@@ -158,16 +186,17 @@ def conv_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
               precision=None, preferred_element_type=None):
     """`lax.conv_general_dilated` for `nn.Conv`, with canonical gradients (see above).
 
-    Undilated, ungrouped 2-D NHWC / HWIO convolutions take a custom gradient: stride 1
-    the canonical one, larger strides the input gradient by phases; anything else goes
-    to `lax.conv_general_dilated` unchanged.
+    With `cpu_kernels()`, undilated, ungrouped 2-D NHWC / HWIO convolutions take a
+    custom gradient: stride 1 the canonical one, larger strides the input gradient by
+    phases; anything else, and everything off the CPU, goes to
+    `lax.conv_general_dilated` unchanged.
     """
     args = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                 batch_group_count=batch_group_count, precision=precision,
                 preferred_element_type=preferred_element_type)
     simple = (
-        lhs.ndim == 4 and len(window_strides) == 2
+        cpu_kernels() and lhs.ndim == 4 and len(window_strides) == 2
         and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
         and feature_group_count == 1 and batch_group_count == 1
         and preferred_element_type is None
@@ -435,7 +464,10 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 def max_pool(x: jax.Array, k: int, s: int, padding: Padding = "VALID") -> jax.Array:
     """k x k max pool, stride s, on NHWC maps (padding: "VALID", "SAME" or explicit pairs)."""
-    return _max_pool(x, k, s, _pool_pads(x, k, s, padding))
+    pads = _pool_pads(x, k, s, padding)
+    if not cpu_kernels():
+        return nn.max_pool(x, (k, k), (s, s), padding=pads)
+    return _max_pool(x, k, s, pads)
 
 
 def _window_sum(x, k: int, s: int, out: Sequence[int]):
@@ -493,14 +525,14 @@ def avg_pool(x: jax.Array, k: int, s: int = 1, padding: Padding = "SAME",
              count_include_pad: bool = False) -> jax.Array:
     """Average pool; `count_include_pad=False` is TF's 'SAME' behaviour.
 
-    The stride-1 "SAME" pools of the Inception blocks are separable sums of shifted
-    views times a constant map of window sizes, forward and backward, and "VALID"
-    pools separable sums of strided views (no reduce-window, whose XLA:CPU loops are
-    several times slower).
+    With `cpu_kernels()`, the stride-1 "SAME" pools of the Inception blocks are
+    separable sums of shifted views times a constant map of window sizes, forward and
+    backward, and "VALID" pools separable sums of strided views (no reduce-window,
+    whose XLA:CPU loops are several times slower).
     """
-    if padding == "SAME" and s == 1 and k % 2 == 1:
+    if padding == "SAME" and s == 1 and k % 2 == 1 and cpu_kernels():
         return _same_avg_pool(x, k, count_include_pad)
-    if padding == "VALID":
+    if padding == "VALID" and cpu_kernels():
         return _valid_avg_pool(x, k, s)
     if padding == "SAME" and s == 1:
         padding = ((k // 2, k // 2), (k // 2, k // 2))

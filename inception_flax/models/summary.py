@@ -55,7 +55,10 @@ def _block_of(name_stack: str) -> str:
 def _xla_macs(prim: Any, params: tuple, shapes: tuple) -> float:
     """XLA's multiply-add count for one op on arguments of `shapes`."""
     kwargs = dict(params)
-    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    # Counted on the CPU whatever the default device: only the lowering is needed, and
+    # not every backend reports costs before compiling.
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=cpu) for s in shapes]
     if prim.name == "conv_general_dilated":
         padding = kwargs["padding"]
         kwargs["padding"] = tuple((0, 0) for _ in padding)
