@@ -30,6 +30,7 @@ import optax
 
 from inception_flax import checkpoint as ckpt_lib
 from inception_flax import models, optim
+from inception_flax.models import layers
 
 # TensorFlow comes in with the input pipeline and clu's writers, imported inside the
 # functions that read data or write summaries: the model, state and steps need JAX only
@@ -92,6 +93,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         name = models.canonical_name(config.model.name)
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
+    try:
+        layers.kernel_choice()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     create_model(config, num_classes=max(config.dataset.num_classes, 1))
     minimum = models.min_image_size(name)
     if config.image_size < minimum:

@@ -70,6 +70,12 @@ def test_bad_field_is_one_line_before_any_compile(tmp_path, field, value, messag
     fails_before_compile(config, tmp_path / "run", message)
 
 
+def test_unknown_kernel_choice_is_one_line_before_any_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "cuda")
+    fails_before_compile(runs.config(2, 2), tmp_path / "run",
+                         "INCEPTION_FLAX_KERNELS='cuda' is not a kernel choice: .* auto, cpu, xla")
+
+
 def test_init_from_weights_of_another_shape_is_refused_before_any_compile(tmp_path):
     # Weights of a half-width network: every tensor of the quarter-width one mis-fits.
     config = runs.config(2, 2)

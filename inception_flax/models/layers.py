@@ -44,16 +44,22 @@ KERNELS_ENV = "INCEPTION_FLAX_KERNELS"
 KERNELS = ("auto", "cpu", "xla")
 
 
-def cpu_kernels() -> bool:
-    """Whether convolutions and pools take this module's XLA:CPU forms.
-
-    `INCEPTION_FLAX_KERNELS`: "auto" (the default) when JAX's default backend is the
-    CPU; "cpu" or "xla" force one side. It is read when a network is traced.
-    """
+def kernel_choice() -> str:
+    """`INCEPTION_FLAX_KERNELS`, checked: "auto" (the default), "cpu" or "xla"."""
     choice = os.environ.get(KERNELS_ENV, "auto") or "auto"
     if choice not in KERNELS:
         raise ValueError(f"{KERNELS_ENV}={choice!r} is not a kernel choice: set it to one of "
                          f"{', '.join(KERNELS)} (or unset it)")
+    return choice
+
+
+def cpu_kernels() -> bool:
+    """Whether convolutions and pools take this module's XLA:CPU forms.
+
+    "auto" uses them when JAX's default backend is the CPU; "cpu" or "xla" force one
+    side. It is read when a network is traced.
+    """
+    choice = kernel_choice()
     if choice == "auto":
         return jax.default_backend() == "cpu"
     return choice == "cpu"
