@@ -72,6 +72,7 @@ class Options:
     warmup: int = 2
     scan_unroll: int | None = None  # None: the config's
     remat: bool | None = None  # None: the config's (recompute repeated blocks backward)
+    bn_remat: bool | None = None  # None: the config's (recompute BatchNorm + ReLU backward)
     memory_sweep: bool = False  # also compile at batch/2 and batch, remat off / on
     depth_multiplier: float | None = None  # None: the config's (1.0)
     aux_logits: bool | None = None  # None: the config's
@@ -257,6 +258,8 @@ def load_config(opts: Options):
         config.model.scan_unroll = opts.scan_unroll
     if opts.remat is not None:
         config.model.remat = opts.remat
+    if opts.bn_remat is not None:
+        config.model.bn_remat = opts.bn_remat
     if opts.depth_multiplier is not None:
         config.model.depth_multiplier = opts.depth_multiplier
     if opts.aux_logits is not None:
@@ -768,6 +771,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
         "model": name, "batch": opts.batch, "image_size": config.image_size,
         "dtype": opts.dtype, "depth_multiplier": config.model.depth_multiplier,
         "scan_unroll": config.model.scan_unroll, "remat": bool(config.model.remat),
+        "bn_remat": bool(config.model.get("bn_remat", False)),
         "aux_logits": bool(config.model.aux_logits), "num_classes": opts.num_classes,
         "optimizer": config.optimizer, "ema": config.ema_decay > 0,
         "steps": opts.steps, "warmup": opts.warmup,
@@ -957,6 +961,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--remat", dest="remat", action="store_true", default=None,
                    help="recompute the repeated blocks in the backward pass (less memory)")
     p.add_argument("--no-remat", dest="remat", action="store_false")
+    p.add_argument("--bn-remat", dest="bn_remat", action="store_true", default=None,
+                   help="recompute BatchNorm and ReLU in the backward pass (less memory)")
+    p.add_argument("--no-bn-remat", dest="bn_remat", action="store_false")
     p.add_argument("--memory-sweep", action="store_true",
                    help="also compile the step at batch/2 and batch, remat off and on, and "
                         "report XLA's buffer sizes")

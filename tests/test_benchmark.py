@@ -165,6 +165,9 @@ def test_cli_options():
     opts, _ = benchmark.parse_args(["--model", "inception_v4", "--remat", "--memory-sweep"])
     assert opts.remat is True and opts.memory_sweep is True
     assert benchmark.load_config(opts).model.remat is True
+    assert not config.model.bn_remat
+    opts, _ = benchmark.parse_args(["--bn-remat"])
+    assert benchmark.load_config(opts).model.bn_remat is True
 
 
 def test_memory_sweep_and_loss_are_reported():

@@ -4,6 +4,7 @@ import json
 
 import flax.linen as nn
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -323,6 +324,53 @@ def test_unknown_kernel_choice_is_named(monkeypatch):
     monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "gpu")
     with pytest.raises(ValueError, match="INCEPTION_FLAX_KERNELS='gpu'.*auto, cpu, xla"):
         max_pool(jnp.ones((1, 5, 5, 1)), 3, 2)
+
+
+class _TwoConvBN(nn.Module):
+    bn_remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, train):
+        c = Common(dtype=jnp.bfloat16, bn_remat=self.bn_remat, axis_name="batch")
+        x = c.conv(6, 3, name="a")(x, train)
+        return c.conv(4, 3, strides=2, name="b")(x, train)
+
+
+def test_bn_remat_recomputes_batchnorm_without_changing_the_step(capsys):
+    """bn_remat keeps only the convolution outputs and the batch statistics for the
+    backward pass: no float32 activations, no ReLU masks, and the same loss, gradients
+    and running statistics."""
+    x = jax.random.normal(jax.random.key(0), (2, 15, 14, 3))
+    probe = jax.random.normal(jax.random.key(2), (1, 2, 8, 7, 4))
+
+    def run(bn_remat):
+        model = _TwoConvBN(bn_remat=bn_remat)
+        variables = jax.vmap(lambda x: model.init(jax.random.key(1), x, False),
+                             axis_name="batch")(x[None])
+        variables = jax.tree.map(lambda v: v[0], variables)
+
+        def loss(params):
+            y, new = jax.vmap(lambda x: model.apply({**variables, "params": params}, x, True,
+                                                    mutable=["batch_stats"]),
+                              axis_name="batch")(x[None])
+            return jnp.sum(y.astype(jnp.float32) * probe), new  # linear: saves nothing
+        capsys.readouterr()
+        jax.ad_checkpoint.print_saved_residuals(lambda p: loss(p)[0], variables["params"])
+        saved = capsys.readouterr().out.splitlines()
+        (value, new), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        return saved, value, grads, new
+
+    saved, value, grads, stats = run(True)
+    ref_saved, ref_value, ref_grads, ref_stats = run(False)
+    def activations(lines):  # float32 or boolean maps computed in the forward pass
+        return [line for line in lines
+                if line.startswith(("f32[1,2,", "bool[")) and " output of " in line]
+    assert not activations(saved), saved
+    assert activations(ref_saved), ref_saved
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((ref_grads, ref_stats))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 class _Conv3(nn.Module):

@@ -231,6 +231,10 @@ class ConvBN(nn.Module):
 
     Parameters live in `conv/kernel`, `bn/scale`, `bn/bias`; running statistics in
     the `batch_stats` collection under `bn/mean` and `bn/var`.
+
+    `bn_remat`: in training, keep only the convolution's output and the batch
+    statistics for the backward pass, and recompute the normalisation and ReLU there
+    (elementwise work) instead of storing their float32 intermediates and the ReLU mask.
     """
 
     features: int
@@ -242,6 +246,7 @@ class ConvBN(nn.Module):
     bn_epsilon: float = 1e-3
     bn_scale: bool = True
     axis_name: str | None = None
+    bn_remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -259,7 +264,7 @@ class ConvBN(nn.Module):
             conv_general_dilated=conv_nhwc,
             name="conv",
         )(x)
-        x = nn.BatchNorm(
+        bn = nn.BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
@@ -268,8 +273,22 @@ class ConvBN(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="bn",
-        )(x)
-        return nn.relu(x) if self.activation else x
+        )
+        activation = self.activation
+
+        def bn_act(bn, x):
+            x = bn(x)
+            return nn.relu(x) if activation else x
+        if train and self.bn_remat:
+            return nn.remat(bn_act, policy=_keep_statistics)(bn, x)
+        return bn_act(bn, x)
+
+
+def _keep_statistics(prim, *args, **params) -> bool:
+    """`bn_remat`'s policy: keep the batch statistics (sums, and their cross-device
+    sums), recompute the elementwise normalisation and ReLU from the convolution's output."""
+    del args, params
+    return prim.name == "reduce_sum" or prim.name.startswith("psum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +301,7 @@ class Common:
     bn_epsilon: float = 1e-3
     bn_scale: bool = True
     axis_name: str | None = None
+    bn_remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -299,6 +319,7 @@ class Common:
             bn_epsilon=self.bn_epsilon,
             bn_scale=self.bn_scale,
             axis_name=self.axis_name,
+            bn_remat=self.bn_remat,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -335,6 +356,7 @@ class InceptionNet(nn.Module):
     bn_scale: bool = True
     axis_name: str | None = None
     remat: bool = False
+    bn_remat: bool = False
     scan_unroll: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -351,6 +373,7 @@ class InceptionNet(nn.Module):
             bn_epsilon=self.bn_epsilon,
             bn_scale=self.bn_scale,
             axis_name=self.axis_name,
+            bn_remat=self.bn_remat,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
