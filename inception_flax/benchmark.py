@@ -642,13 +642,18 @@ def bench_conv_layers(opts: Options, config) -> dict[str, Any]:
 
 
 def _time_conv(opts: Options, c: dict[str, Any], rng) -> dict[str, float]:
-    """Median ms of one convolution's forward and backward passes, ours and PyTorch's."""
+    """Median ms of one convolution's forward and backward passes, ours and PyTorch's
+    (on the GPU when JAX runs on one)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
 
     from inception_flax.models import layers
+
+    device = torch_device()
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     (kh, kw, cin, cout), strides = c["kernel"], tuple(c["strides"])
     padding = tuple(map(tuple, c["padding"]))
@@ -667,13 +672,13 @@ def _time_conv(opts: Options, c: dict[str, Any], rng) -> dict[str, float]:
 
     def torch_nhwc(a):
         t = torch.from_numpy(np.array(a, np.float32)).permute(0, 3, 1, 2)
-        return t.to(getattr(torch, opts.dtype))
+        return t.to(device=device, dtype=getattr(torch, opts.dtype))
     (top, bottom), (left, right) = padding
     tx = torch.nn.functional.pad(torch_nhwc(x), (left, right, top, bottom))
     tx = tx.contiguous(memory_format=torch.channels_last).requires_grad_(not image)
     tg = torch_nhwc(g).contiguous(memory_format=torch.channels_last)
     tconv = torch.nn.Conv2d(cin, cout, (kh, kw), stride=strides, bias=False).to(
-        dtype=getattr(torch, opts.dtype), memory_format=torch.channels_last)
+        device=device, dtype=getattr(torch, opts.dtype), memory_format=torch.channels_last)
     out = tconv(tx)
     wrt = [tconv.weight] if image else [tx, tconv.weight]
 
@@ -684,8 +689,9 @@ def _time_conv(opts: Options, c: dict[str, Any], rng) -> dict[str, float]:
     timed = {
         "ours_fwd_ms": lambda: jax.block_until_ready(fwd(x, w)),
         "ours_bwd_ms": lambda: jax.block_until_ready(bwd(x, w, g)),
-        "torch_fwd_ms": torch_forward,
-        "torch_bwd_ms": lambda: torch.autograd.grad(out, wrt, tg, retain_graph=True),
+        "torch_fwd_ms": _torch_timed(torch_forward, device),
+        "torch_bwd_ms": _torch_timed(
+            lambda: torch.autograd.grad(out, wrt, tg, retain_graph=True), device),
     }
     # At least one untimed call: the first one compiles.
     return {k: 1e3 * statistics.median(_median_times(f, opts.steps, max(opts.warmup, 1)))
