@@ -213,10 +213,14 @@ def matmul_gflops(n: int, dtype: str, steps: int = 5) -> float:
 
 
 def torch_device() -> str:
-    """PyTorch's side runs where JAX's does: CUDA when JAX runs on a GPU."""
+    """PyTorch's side runs where JAX's does: CUDA when JAX runs on a GPU (with
+    `cudnn.benchmark` on, as timm's train.py: the fastest algorithms)."""
     import jax
     import torch
-    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return "cuda"
+    return "cpu"
 
 
 def _torch_timed(fn: Callable[[], Any], device: str) -> Callable[[], None]:
@@ -499,7 +503,8 @@ def torch_optimizer(config, params):
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
-def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any]:
+def bench_torch(opts: Options, config, flops: dict[str, float], device: str = "cpu"
+                ) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -513,9 +518,6 @@ def bench_torch(opts: Options, config, flops: dict[str, float]) -> dict[str, Any
     threads = opts.threads or cpu_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    device = torch_device()
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True  # as timm's train.py: the fastest algorithms
     ours_aux = bool(config.model.aux_logits)
     aux = ours_aux and torch_has_aux
     size, batch = config.image_size, opts.batch
@@ -614,7 +616,7 @@ def network_convolutions(model, batch: int, image_size: int) -> list[dict[str, A
             for (x, w, st, pad), n in found.items()]
 
 
-def bench_conv_layers(opts: Options, config) -> dict[str, Any]:
+def bench_conv_layers(opts: Options, config, device: str = "cpu") -> dict[str, Any]:
     """Each distinct convolution of the network alone, forward and backward, ours and PyTorch.
 
     Ours is `layers.conv_nhwc` (the network's convolution, with its custom gradient);
@@ -631,7 +633,7 @@ def bench_conv_layers(opts: Options, config) -> dict[str, Any]:
     model = trainer.create_model(config, opts.num_classes)
     per_device = max(1, opts.batch // jax.device_count())
     rng = np.random.default_rng(0)
-    rows = [{**c, **_time_conv(opts, c, rng)}
+    rows = [{**c, **_time_conv(opts, c, rng, device)}
             for c in network_convolutions(model, per_device, config.image_size)]
     totals = {k: sum(r["count"] * r[k] for r in rows)
               for k in ("ours_fwd_ms", "ours_bwd_ms", "torch_fwd_ms", "torch_bwd_ms")}
@@ -641,7 +643,7 @@ def bench_conv_layers(opts: Options, config) -> dict[str, Any]:
             "distinct": len(rows), **totals, "rows": rows}
 
 
-def _time_conv(opts: Options, c: dict[str, Any], rng) -> dict[str, float]:
+def _time_conv(opts: Options, c: dict[str, Any], rng, device: str) -> dict[str, float]:
     """Median ms of one convolution's forward and backward passes, ours and PyTorch's
     (on the GPU when JAX runs on one)."""
     import jax
@@ -650,10 +652,6 @@ def _time_conv(opts: Options, c: dict[str, Any], rng) -> dict[str, float]:
     import torch
 
     from inception_flax.models import layers
-
-    device = torch_device()
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
 
     (kh, kw, cin, cout), strides = c["kernel"], tuple(c["strides"])
     padding = tuple(map(tuple, c["padding"]))
@@ -817,9 +815,10 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
 
     if opts.compare == "timm":
         log("timm: train and inference steps")
+        device = torch_device()
         machine["torch_matmul_gflops"] = torch_matmul_gflops(opts.matmul_size, opts.dtype,
-                                                             device=torch_device())
-        theirs = bench_torch(opts, config, flops)
+                                                             device=device)
+        theirs = bench_torch(opts, config, flops, device)
         for k in ("train", "infer"):
             theirs[f"{k}_fraction_of_matmul"] = theirs[f"{k}_gflops"] / peak
         result["timm"] = theirs
@@ -832,7 +831,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
 
     if opts.conv_layers:
         log("convolutions one by one: ours and PyTorch")
-        result["conv_layers"] = bench_conv_layers(opts, config)
+        result["conv_layers"] = bench_conv_layers(opts, config, torch_device())
 
     if opts.memory_sweep:
         log("memory sweep: compiling at two batch sizes, remat off and on")

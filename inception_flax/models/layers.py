@@ -559,10 +559,11 @@ def avg_pool(x: jax.Array, k: int, s: int = 1, padding: Padding = "SAME",
     backward, and "VALID" pools separable sums of strided views (no reduce-window,
     whose XLA:CPU loops are several times slower).
     """
-    if padding == "SAME" and s == 1 and k % 2 == 1 and cpu_kernels():
-        return _same_avg_pool(x, k, count_include_pad)
-    if padding == "VALID" and cpu_kernels():
-        return _valid_avg_pool(x, k, s)
+    if cpu_kernels():
+        if padding == "SAME" and s == 1 and k % 2 == 1:
+            return _same_avg_pool(x, k, count_include_pad)
+        if padding == "VALID":
+            return _valid_avg_pool(x, k, s)
     if padding == "SAME" and s == 1:
         padding = ((k // 2, k // 2), (k // 2, k // 2))
     return nn.avg_pool(x, (k, k), (s, s), padding=padding, count_include_pad=count_include_pad)
