@@ -25,6 +25,7 @@ def base_config(model_name: str, image_size: int) -> ml_collections.ConfigDict:
     c.model.depth_multiplier = 1.0  # TF-slim width multiplier
     c.model.remat = False  # recompute repeated blocks in the backward pass (saves memory)
     c.model.bn_remat = False  # recompute BatchNorm + ReLU in the backward pass (saves memory)
+    c.model.merge_pointwise = True  # sibling 1x1 convolutions on one input as one (same result)
     c.model.scan_unroll = 1  # repeated blocks per loop iteration; >= their count: no loop
     c.model.dtype = "float32"  # compute: float32 | bfloat16 (params stay float32) | float64
     # (float64 params too, with JAX_ENABLE_X64=1: for numerical checks)

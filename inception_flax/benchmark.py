@@ -21,7 +21,9 @@ one process and side by side:
   thread count, channels_last, train mode, the config's optimizer, loss with
   the aux head where the PyTorch model has one) and the ratios ours / timm;
 - the input pipeline alone (`input_pipeline.create_split`), to show which side
-  bounds a run.
+  bounds a run;
+- `--ab OPTION`: ours with one model option (`AB_OPTIONS`) as configured and
+  flipped, their train steps alternating, and the ratio of the medians.
 
 `run_benchmark(Options(...))` returns the same dictionary `--json` writes.
 """
@@ -73,6 +75,7 @@ class Options:
     scan_unroll: int | None = None  # None: the config's
     remat: bool | None = None  # None: the config's (recompute repeated blocks backward)
     bn_remat: bool | None = None  # None: the config's (recompute BatchNorm + ReLU backward)
+    merge_pointwise: bool | None = None  # None: the config's (sibling 1x1 convs as one)
     memory_sweep: bool = False  # also compile at batch/2 and batch, remat off / on
     depth_multiplier: float | None = None  # None: the config's (1.0)
     aux_logits: bool | None = None  # None: the config's
@@ -85,6 +88,11 @@ class Options:
     warm_compile: bool = True  # measure the warm-cache compile in a subprocess
     threads: int | None = None  # PyTorch threads; None: the CPUs this process may use
     conv_layers: bool = False  # with compare="timm": every convolution alone, ours vs PyTorch
+    ab: str | None = None  # one of AB_OPTIONS: time ours with it flipped, alternating steps
+
+
+# Model options `--ab` can flip: each changes how the network computes, not what.
+AB_OPTIONS = ("merge_pointwise", "bn_remat", "remat")
 
 
 # ----------------------------------------------------------------------------
@@ -264,6 +272,8 @@ def load_config(opts: Options):
         config.model.remat = opts.remat
     if opts.bn_remat is not None:
         config.model.bn_remat = opts.bn_remat
+    if opts.merge_pointwise is not None:
+        config.model.merge_pointwise = opts.merge_pointwise
     if opts.depth_multiplier is not None:
         config.model.depth_multiplier = opts.depth_multiplier
     if opts.aux_logits is not None:
@@ -437,6 +447,40 @@ def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, 
     times = _median_times(infer_step, opts.steps, opts.warmup)
     out.update(_rates(times, opts.batch, flops["infer"], "infer"))
     return out
+
+
+def bench_ab(opts: Options) -> dict[str, Any]:
+    """Ours as configured (A) and with `opts.ab` flipped (B), train steps alternating in
+    this process (A B, B A, A B, ...), so that both see the same machine: on a shared
+    machine, separate runs drift by more than the few percent an option may be worth."""
+    import jax
+
+    field = opts.ab
+    a = build_ours(opts)
+    value = bool(a.config.model[field])
+    b = build_ours(dataclasses.replace(opts, **{field: not value}))
+    runs = []
+    for ours in (a, b):
+        compiled = ours.step.lower(ours.state, ours.batch).compile()
+        runs.append({"state": ours.state, "step": compiled, "batch": ours.batch, "times": []})
+
+    def step(run, times):
+        start = time.perf_counter()
+        run["state"], _ = run["step"](run["state"], run["batch"])
+        jax.block_until_ready(run["state"])
+        if times:
+            run["times"].append(time.perf_counter() - start)
+    for _ in range(max(opts.warmup, 1)):
+        for run in runs:
+            step(run, False)
+    for i in range(opts.steps):
+        for run in runs if i % 2 == 0 else runs[::-1]:
+            step(run, True)
+    ms = [1e3 * statistics.median(run["times"]) for run in runs]
+    return {"option": field, "a": value, "b": not value, "a_step_ms": ms[0], "b_step_ms": ms[1],
+            "a_over_b": ms[0] / ms[1],
+            "a_times_ms": [1e3 * t for t in runs[0]["times"]],
+            "b_times_ms": [1e3 * t for t in runs[1]["times"]]}
 
 
 def memory_sweep(opts: Options) -> list[dict[str, Any]]:
@@ -776,6 +820,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
         "dtype": opts.dtype, "depth_multiplier": config.model.depth_multiplier,
         "scan_unroll": config.model.scan_unroll, "remat": bool(config.model.remat),
         "bn_remat": bool(config.model.get("bn_remat", False)),
+        "merge_pointwise": bool(config.model.get("merge_pointwise", True)),
         "aux_logits": bool(config.model.aux_logits), "num_classes": opts.num_classes,
         "optimizer": config.optimizer, "ema": config.ema_decay > 0,
         "steps": opts.steps, "warmup": opts.warmup,
@@ -832,6 +877,10 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
     if opts.conv_layers:
         log("convolutions one by one: ours and PyTorch")
         result["conv_layers"] = bench_conv_layers(opts, config, torch_device())
+
+    if opts.ab:
+        log(f"A/B: {opts.ab} as configured and flipped, train steps alternating")
+        result["ab"] = bench_ab(opts)
 
     if opts.memory_sweep:
         log("memory sweep: compiling at two batch sizes, remat off and on")
@@ -931,6 +980,12 @@ def format_table(r: dict[str, Any]) -> str:
                 f"{'x'.join(map(str, row['kernel'])):>13} stride {row['strides'][0]}  "
                 f"forward {row['ours_fwd_ms']:7.1f} / {row['torch_fwd_ms']:7.1f}  "
                 f"backward {row['ours_bwd_ms']:7.1f} / {row['torch_bwd_ms']:7.1f}")
+    if "ab" in r:
+        ab = r["ab"]
+        lines += ["", (f"A/B in one process, alternating train steps, medians of "
+                       f"{len(ab['a_times_ms'])}: {ab['option']}={ab['a']} "
+                       f"{ab['a_step_ms']:,.1f} ms, {ab['option']}={ab['b']} "
+                       f"{ab['b_step_ms']:,.1f} ms per step: {ab['a_over_b']:.3f}")]
     if "memory_sweep" in r:
         lines += ["", "XLA buffers of the train step (MB)   batch  remat      temp  arguments"]
         for m in r["memory_sweep"]:
@@ -969,6 +1024,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--bn-remat", dest="bn_remat", action="store_true", default=None,
                    help="recompute BatchNorm and ReLU in the backward pass (less memory)")
     p.add_argument("--no-bn-remat", dest="bn_remat", action="store_false")
+    p.add_argument("--merge-pointwise", dest="merge_pointwise", action="store_true",
+                   default=None, help="run sibling 1x1 convolutions on one input as one "
+                                      "(the default)")
+    p.add_argument("--no-merge-pointwise", dest="merge_pointwise", action="store_false")
     p.add_argument("--memory-sweep", action="store_true",
                    help="also compile the step at batch/2 and batch, remat off and on, and "
                         "report XLA's buffer sizes")
@@ -989,6 +1048,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--conv-layers", action="store_true",
                    help="with --compare timm: also time each convolution of the network "
                         "alone, forward and backward, ours and PyTorch's")
+    p.add_argument("--ab", choices=AB_OPTIONS, default=None,
+                   help="also time ours with this model option flipped, train steps of the "
+                        "two alternating in this process, and print the ratio")
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._probe is not None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from inception_flax import benchmark, hugepages
@@ -29,7 +30,7 @@ def result(tmp_path_factory):
            "--batch", "2", "--image-size", "32", "--depth-multiplier", "0.25",
            "--num-classes", "10", "--compare", "timm", "--steps", "2", "--warmup", "1",
            "--pipeline-batches", "2", "--matmul-size", "128", "--conv-layers",
-           "--json", str(out)]
+           "--ab", "merge_pointwise", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,9 +110,10 @@ def test_ratios_and_rates_are_computed_from_the_same_figures(result):
 def test_every_convolution_is_timed_alone_next_to_pytorch(result):
     r, stdout = result
     cl = r["conv_layers"]
-    # GoogLeNet trains 57 convolutions in the trunk and 1 in each of its 2 aux heads.
-    assert cl["convolutions"] == 59 and cl["per_device_batch"] == 1
-    assert sum(row["count"] for row in cl["rows"]) == 59 and cl["distinct"] == len(cl["rows"])
+    # GoogLeNet trains 57 convolutions in the trunk and 1 in each of its 2 aux heads; its
+    # 9 inception modules each run their three sibling 1x1 convolutions as one.
+    assert cl["convolutions"] == 59 - 9 * 2 and cl["per_device_batch"] == 1
+    assert sum(row["count"] for row in cl["rows"]) == 41 and cl["distinct"] == len(cl["rows"])
     for row in cl["rows"]:
         assert len(row["input"]) == 4 and row["input"][-1] == row["kernel"][2]
         for key in ("ours_fwd_ms", "ours_bwd_ms", "torch_fwd_ms", "torch_bwd_ms"):
@@ -121,7 +123,20 @@ def test_every_convolution_is_timed_alone_next_to_pytorch(result):
     gaps = [row["count"] * (row["ours_fwd_ms"] + row["ours_bwd_ms"] - row["torch_fwd_ms"]
                             - row["torch_bwd_ms"]) for row in cl["rows"]]
     assert gaps == sorted(gaps, reverse=True)
-    assert "convolutions alone (59, " in stdout
+    assert "convolutions alone (41, " in stdout
+
+
+def test_ab_alternates_the_two_variants_in_one_process(result):
+    r, stdout = result
+    ab = r["ab"]
+    assert (ab["option"], ab["a"], ab["b"]) == ("merge_pointwise", True, False)
+    assert len(ab["a_times_ms"]) == len(ab["b_times_ms"]) == 2
+    for k in ("a", "b"):
+        assert all(_positive(t) for t in ab[f"{k}_times_ms"])
+        assert ab[f"{k}_step_ms"] == pytest.approx(np.median(ab[f"{k}_times_ms"]))
+    assert ab["a_over_b"] == pytest.approx(ab["a_step_ms"] / ab["b_step_ms"])
+    assert "A/B in one process, alternating train steps, medians of 2: merge_pointwise=True" \
+        in stdout
 
 
 def test_scanned_convolutions_count_once_per_iteration():
@@ -129,7 +144,9 @@ def test_scanned_convolutions_count_once_per_iteration():
     import jax.numpy as jnp
 
     from inception_flax import models
-    net = models.create_model("inception_resnet_v2", num_classes=10, depth_multiplier=0.25)
+    # Unmerged 1x1 siblings, so that each kernel is one convolution.
+    net = models.create_model("inception_resnet_v2", num_classes=10, depth_multiplier=0.25,
+                              merge_pointwise=False)
     convs = benchmark.network_convolutions(net, 1, 75)
     params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))["params"]
     # One 4-D kernel per convolution; a scanned block's kernels gain a leading axis.
@@ -168,6 +185,9 @@ def test_cli_options():
     assert not config.model.bn_remat
     opts, _ = benchmark.parse_args(["--bn-remat"])
     assert benchmark.load_config(opts).model.bn_remat is True
+    assert config.model.merge_pointwise is True
+    opts, _ = benchmark.parse_args(["--no-merge-pointwise"])
+    assert benchmark.load_config(opts).model.merge_pointwise is False
 
 
 def test_memory_sweep_and_loss_are_reported():

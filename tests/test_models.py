@@ -372,6 +372,40 @@ def test_bn_remat_recomputes_batchnorm_without_changing_the_step(capsys):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_merged_pointwise_branches_are_the_same_network():
+    """merge_pointwise runs the sibling 1x1 convolutions of a block (Inception v3's
+    Mixed_5b: three of them read the block's input) as one convolution: the same
+    parameters and initial values, the same loss, gradients and running statistics,
+    two convolutions fewer."""
+    from inception_flax.models.inception_v3 import InceptionA
+
+    x = jax.random.normal(jax.random.key(0), (4, 9, 9, 16))
+    probe = jax.random.normal(jax.random.key(2), (4, 9, 9, 64 + 64 + 96 + 8))
+
+    def run(merge):
+        block = InceptionA(Common(depth_multiplier=0.25, min_depth=8, merge_pointwise=merge), 8)
+        variables = block.init(jax.random.key(1), x, False)
+
+        def loss(params):
+            y, new = block.apply({**variables, "params": params}, x, True,
+                                 mutable=["batch_stats"])
+            return jnp.sum(y * probe[..., :y.shape[-1]]), new
+        jaxpr = jax.make_jaxpr(loss)(variables["params"])
+        convs = str(jaxpr).count("conv_general_dilated[")
+        (value, new), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        return variables, convs, value, grads, new
+
+    variables, convs, value, grads, stats = run(True)
+    ref_variables, ref_convs, ref_value, ref_grads, ref_stats = run(False)
+    assert jax.tree.structure(variables) == jax.tree.structure(ref_variables)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(variables), jax.tree.leaves(ref_variables)))
+    assert (convs, ref_convs) == (5, 7)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((ref_grads, ref_stats))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 class _Conv3(nn.Module):
     @nn.compact
     def __call__(self, x, train):

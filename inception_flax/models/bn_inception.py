@@ -59,12 +59,11 @@ class InceptionBN(nn.Module):
         conv, d = self.common.conv, self.common.depth
         w = self.widths
         s = 1 if w.c1 else 2
-        out = []
+        first = [conv(d(w.c3r), 1, name="Branch_1_1x1"), conv(d(w.cd3r), 1, name="Branch_2_1x1")]
         if w.c1:
-            out.append(conv(d(w.c1), 1, name="Branch_0_1x1")(x, train))
-        b1 = conv(d(w.c3r), 1, name="Branch_1_1x1")(x, train)
+            first.insert(0, conv(d(w.c1), 1, name="Branch_0_1x1"))
+        *out, b1, b2 = self.common.branches(x, train, *first)
         out.append(conv(d(w.c3), 3, strides=s, padding=same(3), name="Branch_1_3x3")(b1, train))
-        b2 = conv(d(w.cd3r), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(w.cd3), 3, padding=same(3), name="Branch_2_3x3a")(b2, train)
         out.append(conv(d(w.cd3), 3, strides=s, padding=same(3), name="Branch_2_3x3b")(b2, train))
         if w.pool == "avg":

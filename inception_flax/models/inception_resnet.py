@@ -71,10 +71,13 @@ class Block35(ResidualBlock):
     def branches(self, x: jax.Array, train: bool) -> list[jax.Array]:
         conv, d = self.common.conv, self.common.depth
         w0, w1, w2a, w2b = self.widths
-        b0 = conv(d(w0), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(w0), 1, name="Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(w0), 1, name="Branch_0_1x1"),
+            conv(d(w0), 1, name="Branch_1_1x1"),
+            conv(d(w0), 1, name="Branch_2_1x1"),
+        )
         b1 = conv(d(w1), 3, name="Branch_1_3x3")(b1, train)
-        b2 = conv(d(w0), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(w2a), 3, name="Branch_2_3x3a")(b2, train)
         b2 = conv(d(w2b), 3, name="Branch_2_3x3b")(b2, train)
         return [b0, b1, b2]
@@ -88,8 +91,11 @@ class Block17(ResidualBlock):
     def branches(self, x: jax.Array, train: bool) -> list[jax.Array]:
         conv, d = self.common.conv, self.common.depth
         w0, w1a, w1b, w1c = self.widths
-        b0 = conv(d(w0), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(w1a), 1, name="Branch_1_1x1")(x, train)
+        b0, b1 = self.common.branches(
+            x, train,
+            conv(d(w0), 1, name="Branch_0_1x1"),
+            conv(d(w1a), 1, name="Branch_1_1x1"),
+        )
         b1 = conv(d(w1b), (1, 7), name="Branch_1_1x7")(b1, train)
         b1 = conv(d(w1c), (7, 1), name="Branch_1_7x1")(b1, train)
         return [b0, b1]
@@ -103,8 +109,11 @@ class Block8(ResidualBlock):
     def branches(self, x: jax.Array, train: bool) -> list[jax.Array]:
         conv, d = self.common.conv, self.common.depth
         w0, w1a, w1b, w1c = self.widths
-        b0 = conv(d(w0), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(w1a), 1, name="Branch_1_1x1")(x, train)
+        b0, b1 = self.common.branches(
+            x, train,
+            conv(d(w0), 1, name="Branch_0_1x1"),
+            conv(d(w1a), 1, name="Branch_1_1x1"),
+        )
         b1 = conv(d(w1b), (1, 3), name="Branch_1_1x3")(b1, train)
         b1 = conv(d(w1c), (3, 1), name="Branch_1_3x1")(b1, train)
         return [b0, b1]
@@ -120,11 +129,14 @@ class ReductionB(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
         w0, w1, w2a, w2b = self.widths
-        b0 = conv(d(256), 1, name="Branch_0_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(256), 1, name="Branch_0_1x1"),
+            conv(d(256), 1, name="Branch_1_1x1"),
+            conv(d(256), 1, name="Branch_2_1x1"),
+        )
         b0 = conv(d(w0), 3, strides=2, padding="VALID", name="Branch_0_3x3")(b0, train)
-        b1 = conv(d(256), 1, name="Branch_1_1x1")(x, train)
         b1 = conv(d(w1), 3, strides=2, padding="VALID", name="Branch_1_3x3")(b1, train)
-        b2 = conv(d(256), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(w2a), 3, name="Branch_2_3x3a")(b2, train)
         b2 = conv(d(w2b), 3, strides=2, padding="VALID", name="Branch_2_3x3b")(b2, train)
         return concat([b0, b1, b2, max_pool(x, 3, 2)])
@@ -152,10 +164,13 @@ class StemV2(nn.Module):
         conv, d = self.common.conv, self.common.depth
         x = stem_pool_1x1_3x3(self.common, stem_3x3(self.common, x, train), train)
         x = max_pool(x, 3, 2)
-        b0 = conv(d(96), 1, name="Mixed_5b_Branch_0_1x1")(x, train)
-        b1 = conv(d(48), 1, name="Mixed_5b_Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(96), 1, name="Mixed_5b_Branch_0_1x1"),
+            conv(d(48), 1, name="Mixed_5b_Branch_1_1x1"),
+            conv(d(64), 1, name="Mixed_5b_Branch_2_1x1"),
+        )
         b1 = conv(d(64), 5, name="Mixed_5b_Branch_1_5x5")(b1, train)
-        b2 = conv(d(64), 1, name="Mixed_5b_Branch_2_1x1")(x, train)
         b2 = conv(d(96), 3, name="Mixed_5b_Branch_2_3x3a")(b2, train)
         b2 = conv(d(96), 3, name="Mixed_5b_Branch_2_3x3b")(b2, train)
         b3 = conv(d(64), 1, name="Mixed_5b_Branch_3_1x1")(avg_pool(x, 3), train)

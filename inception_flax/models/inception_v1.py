@@ -55,10 +55,13 @@ class InceptionModule(nn.Module):
         conv, d = self.common.conv, self.common.depth
         c1, c3r, c3, c5r, c5, cp = self.widths
         k = self.wide_kernel
-        b0 = conv(d(c1), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(c3r), 1, name="Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(c1), 1, name="Branch_0_1x1"),
+            conv(d(c3r), 1, name="Branch_1_1x1"),
+            conv(d(c5r), 1, name="Branch_2_1x1"),
+        )
         b1 = conv(d(c3), 3, padding=same(3), name="Branch_1_3x3")(b1, train)
-        b2 = conv(d(c5r), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(c5), k, padding=same(k), name=f"Branch_2_{k}x{k}")(b2, train)
         b3 = max_pool_ceil(x, 3, 1, pad=1)
         b3 = conv(d(cp), 1, name="Branch_3_1x1")(b3, train)

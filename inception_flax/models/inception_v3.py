@@ -29,10 +29,13 @@ class InceptionA(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(64), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(48), 1, name="Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(64), 1, name="Branch_0_1x1"),
+            conv(d(48), 1, name="Branch_1_1x1"),
+            conv(d(64), 1, name="Branch_2_1x1"),
+        )
         b1 = conv(d(64), 5, name="Branch_1_5x5")(b1, train)
-        b2 = conv(d(64), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(96), 3, name="Branch_2_3x3a")(b2, train)
         b2 = conv(d(96), 3, name="Branch_2_3x3b")(b2, train)
         b3 = avg_pool(x, 3, count_include_pad=self.pool_include_pad)
@@ -67,11 +70,14 @@ class InceptionC(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
         c7 = d(self.channels_7x7)
-        b0 = conv(d(192), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(c7, 1, name="Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(192), 1, name="Branch_0_1x1"),
+            conv(c7, 1, name="Branch_1_1x1"),
+            conv(c7, 1, name="Branch_2_1x1"),
+        )
         b1 = conv(c7, (1, 7), name="Branch_1_1x7")(b1, train)
         b1 = conv(d(192), (7, 1), name="Branch_1_7x1")(b1, train)
-        b2 = conv(c7, 1, name="Branch_2_1x1")(x, train)
         b2 = conv(c7, (7, 1), name="Branch_2_7x1a")(b2, train)
         b2 = conv(c7, (1, 7), name="Branch_2_1x7a")(b2, train)
         b2 = conv(c7, (7, 1), name="Branch_2_7x1b")(b2, train)
@@ -89,9 +95,12 @@ class InceptionD(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(192), 1, name="Branch_0_1x1")(x, train)
+        b0, b1 = self.common.branches(
+            x, train,
+            conv(d(192), 1, name="Branch_0_1x1"),
+            conv(d(192), 1, name="Branch_1_1x1"),
+        )
         b0 = conv(d(320), 3, strides=2, padding="VALID", name="Branch_0_3x3")(b0, train)
-        b1 = conv(d(192), 1, name="Branch_1_1x1")(x, train)
         b1 = conv(d(192), (1, 7), name="Branch_1_1x7")(b1, train)
         b1 = conv(d(192), (7, 1), name="Branch_1_7x1")(b1, train)
         b1 = conv(d(192), 3, strides=2, padding="VALID", name="Branch_1_3x3")(b1, train)
@@ -108,13 +117,16 @@ class InceptionE(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(320), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(384), 1, name="Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(320), 1, name="Branch_0_1x1"),
+            conv(d(384), 1, name="Branch_1_1x1"),
+            conv(d(448), 1, name="Branch_2_1x1"),
+        )
         b1 = concat([
             conv(d(384), (1, 3), name="Branch_1_1x3")(b1, train),
             conv(d(384), (3, 1), name="Branch_1_3x1")(b1, train),
         ])
-        b2 = conv(d(448), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(384), 3, name="Branch_2_3x3")(b2, train)
         b2 = concat([
             conv(d(384), (1, 3), name="Branch_2_1x3")(b2, train),

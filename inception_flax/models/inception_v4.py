@@ -29,9 +29,12 @@ class Stem(nn.Module):
             max_pool(x, 3, 2),
             conv(d(96), 3, strides=2, padding="VALID", name="Mixed_3a_3x3")(x, train),
         ])
-        b0 = conv(d(64), 1, name="Mixed_4a_Branch_0_1x1")(x, train)
+        b0, b1 = self.common.branches(
+            x, train,
+            conv(d(64), 1, name="Mixed_4a_Branch_0_1x1"),
+            conv(d(64), 1, name="Mixed_4a_Branch_1_1x1"),
+        )
         b0 = conv(d(96), 3, padding="VALID", name="Mixed_4a_Branch_0_3x3")(b0, train)
-        b1 = conv(d(64), 1, name="Mixed_4a_Branch_1_1x1")(x, train)
         b1 = conv(d(64), (1, 7), name="Mixed_4a_Branch_1_1x7")(b1, train)
         b1 = conv(d(64), (7, 1), name="Mixed_4a_Branch_1_7x1")(b1, train)
         b1 = conv(d(96), 3, padding="VALID", name="Mixed_4a_Branch_1_3x3")(b1, train)
@@ -50,10 +53,13 @@ class InceptionA(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
         conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(96), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(64), 1, name="Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(96), 1, name="Branch_0_1x1"),
+            conv(d(64), 1, name="Branch_1_1x1"),
+            conv(d(64), 1, name="Branch_2_1x1"),
+        )
         b1 = conv(d(96), 3, name="Branch_1_3x3")(b1, train)
-        b2 = conv(d(64), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(96), 3, name="Branch_2_3x3a")(b2, train)
         b2 = conv(d(96), 3, name="Branch_2_3x3b")(b2, train)
         b3 = conv(d(96), 1, name="Branch_3_1x1")(avg_pool(x, 3), train)
@@ -90,11 +96,14 @@ class InceptionB(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
         conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(384), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(192), 1, name="Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(384), 1, name="Branch_0_1x1"),
+            conv(d(192), 1, name="Branch_1_1x1"),
+            conv(d(192), 1, name="Branch_2_1x1"),
+        )
         b1 = conv(d(224), (1, 7), name="Branch_1_1x7")(b1, train)
         b1 = conv(d(256), (7, 1), name="Branch_1_7x1")(b1, train)
-        b2 = conv(d(192), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(192), (7, 1), name="Branch_2_7x1a")(b2, train)
         b2 = conv(d(224), (1, 7), name="Branch_2_1x7a")(b2, train)
         b2 = conv(d(224), (7, 1), name="Branch_2_7x1b")(b2, train)
@@ -111,9 +120,12 @@ class ReductionB(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(192), 1, name="Branch_0_1x1")(x, train)
+        b0, b1 = self.common.branches(
+            x, train,
+            conv(d(192), 1, name="Branch_0_1x1"),
+            conv(d(256), 1, name="Branch_1_1x1"),
+        )
         b0 = conv(d(192), 3, strides=2, padding="VALID", name="Branch_0_3x3")(b0, train)
-        b1 = conv(d(256), 1, name="Branch_1_1x1")(x, train)
         b1 = conv(d(256), (1, 7), name="Branch_1_1x7")(b1, train)
         b1 = conv(d(320), (7, 1), name="Branch_1_7x1")(b1, train)
         b1 = conv(d(320), 3, strides=2, padding="VALID", name="Branch_1_3x3")(b1, train)
@@ -128,13 +140,16 @@ class InceptionC(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
         conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(256), 1, name="Branch_0_1x1")(x, train)
-        b1 = conv(d(384), 1, name="Branch_1_1x1")(x, train)
+        b0, b1, b2 = self.common.branches(
+            x, train,
+            conv(d(256), 1, name="Branch_0_1x1"),
+            conv(d(384), 1, name="Branch_1_1x1"),
+            conv(d(384), 1, name="Branch_2_1x1"),
+        )
         b1 = concat([
             conv(d(256), (1, 3), name="Branch_1_1x3")(b1, train),
             conv(d(256), (3, 1), name="Branch_1_3x1")(b1, train),
         ])
-        b2 = conv(d(384), 1, name="Branch_2_1x1")(x, train)
         b2 = conv(d(448), (3, 1), name="Branch_2_3x1a")(b2, train)
         b2 = conv(d(512), (1, 3), name="Branch_2_1x3a")(b2, train)
         b2 = concat([
