@@ -19,9 +19,7 @@ one process and side by side:
   3x the forward pass: forward, and two products per layer backward);
 - `--compare timm`: the same network in timm / torchvision (PyTorch, the same
   thread count, channels_last, train mode, the config's optimizer, loss with
-  the aux head where the PyTorch model has one) and the ratios ours / timm, once
-  from each side's own timed steps and once from steps of the two alternating
-  (`paired_times`), which a drift of a shared machine cannot tilt;
+  the aux head where the PyTorch model has one) and the ratios ours / timm;
 - the input pipeline alone (`input_pipeline.create_split`), to show which side
   bounds a run;
 - `--ab OPTION`: ours with one model option (`AB_OPTIONS`) as configured and
@@ -398,9 +396,7 @@ def fresh_cache():
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]
-               ) -> tuple[dict[str, Any], dict[str, Callable[[], None]]]:
-    """Ours' figures, and its train and inference steps (for `paired_times`)."""
+def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, Any]:
     import jax
 
     from inception_flax import trainer
@@ -450,28 +446,6 @@ def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]
 
     times = _median_times(infer_step, opts.steps, opts.warmup)
     out.update(_rates(times, opts.batch, flops["infer"], "infer"))
-    return out, {"train": train_step, "infer": infer_step}
-
-
-def paired_times(steps: int, ours: dict[str, Callable[[], None]],
-                 theirs: dict[str, Callable[[], None]]) -> dict[str, Any]:
-    """Train, then inference, steps of ours and timm alternating (ours first in even
-    rounds, timm first in odd ones), both already warm: medians and ratios ours / timm
-    that a drift of the shared machine during the run moves on both sides alike."""
-    out: dict[str, Any] = {"steps": steps}
-    for kind in ("train", "infer"):
-        times: dict[str, list[float]] = {"ours": [], "timm": []}
-        sides = [("ours", ours[kind]), ("timm", theirs[kind])]
-        for i in range(steps):
-            for side, fn in sides if i % 2 == 0 else sides[::-1]:
-                start = time.perf_counter()
-                fn()
-                times[side].append(time.perf_counter() - start)
-        for side, t in times.items():
-            out[f"{kind}_{side}_ms"] = 1e3 * statistics.median(t)
-            out[f"{kind}_{side}_times_ms"] = [1e3 * x for x in t]
-        # images/s ours / timm (the same batch on both sides)
-        out[f"{kind}_ratio"] = out[f"{kind}_timm_ms"] / out[f"{kind}_ours_ms"]
     return out
 
 
@@ -574,8 +548,7 @@ def torch_optimizer(config, params):
 
 
 def bench_torch(opts: Options, config, flops: dict[str, float], device: str = "cpu"
-                ) -> tuple[dict[str, Any], dict[str, Callable[[], None]]]:
-    """timm's figures, and its train and inference steps (for `paired_times`)."""
+                ) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -663,17 +636,7 @@ def bench_torch(opts: Options, config, flops: dict[str, float], device: str = "c
 
     times = _median_times(_torch_timed(infer_step, device), opts.steps, opts.warmup)
     out.update(_rates(times, batch, flops["infer"], "infer"))
-    timed_train, timed_infer = (_torch_timed(train_step, device),
-                                _torch_timed(infer_step, device))
-
-    def train_mode_step():
-        model.train()
-        timed_train()
-
-    def eval_mode_step():
-        model.eval()
-        timed_infer()
-    return out, {"train": train_mode_step, "infer": eval_mode_step}
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -889,7 +852,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
     result["machine"] = machine
 
     log("ours: compile (cold, then warm in a subprocess), train and inference steps")
-    ours_out, ours_steps = bench_ours(opts, ours, flops)
+    ours_out = bench_ours(opts, ours, flops)
     del ours
     for k in ("train", "infer"):
         ours_out[f"{k}_fraction_of_matmul"] = ours_out[f"{k}_gflops"] / peak
@@ -900,7 +863,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
         device = torch_device()
         machine["torch_matmul_gflops"] = torch_matmul_gflops(opts.matmul_size, opts.dtype,
                                                              device=device)
-        theirs, their_steps = bench_torch(opts, config, flops, device)
+        theirs = bench_torch(opts, config, flops, device)
         for k in ("train", "infer"):
             theirs[f"{k}_fraction_of_matmul"] = theirs[f"{k}_gflops"] / peak
         result["timm"] = theirs
@@ -910,10 +873,6 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
             "infer_images_per_sec": ours_out["infer_images_per_sec"]
             / theirs["infer_images_per_sec"],
         }
-        log("ours and timm: train, then inference steps, alternating")
-        result["paired"] = paired_times(opts.steps, ours_steps, their_steps)
-        del their_steps
-    del ours_steps
 
     if opts.conv_layers:
         log("convolutions one by one: ours and PyTorch")
@@ -1021,12 +980,6 @@ def format_table(r: dict[str, Any]) -> str:
                 f"{'x'.join(map(str, row['kernel'])):>13} stride {row['strides'][0]}  "
                 f"forward {row['ours_fwd_ms']:7.1f} / {row['torch_fwd_ms']:7.1f}  "
                 f"backward {row['ours_bwd_ms']:7.1f} / {row['torch_bwd_ms']:7.1f}")
-    if "paired" in r:
-        pr = r["paired"]
-        lines += ["", (f"ours and timm alternating, medians of {pr['steps']}: train step "
-                       f"{pr['train_ours_ms']:,.1f} / {pr['train_timm_ms']:,.1f} ms "
-                       f"({pr['train_ratio']:.2f}x), inference step {pr['infer_ours_ms']:,.1f}"
-                       f" / {pr['infer_timm_ms']:,.1f} ms ({pr['infer_ratio']:.2f}x)")]
     if "ab" in r:
         ab = r["ab"]
         lines += ["", (f"A/B in one process, alternating train steps, medians of "

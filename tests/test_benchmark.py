@@ -126,19 +126,6 @@ def test_every_convolution_is_timed_alone_next_to_pytorch(result):
     assert "convolutions alone (41, " in stdout
 
 
-def test_ours_and_timm_are_also_timed_alternating(result):
-    r, stdout = result
-    pr = r["paired"]
-    assert pr["steps"] == 2
-    for kind in ("train", "infer"):
-        for side in ("ours", "timm"):
-            times = pr[f"{kind}_{side}_times_ms"]
-            assert len(times) == 2 and all(_positive(t) for t in times)
-            assert pr[f"{kind}_{side}_ms"] == pytest.approx(np.median(times))
-        assert pr[f"{kind}_ratio"] == pytest.approx(pr[f"{kind}_timm_ms"] / pr[f"{kind}_ours_ms"])
-    assert "ours and timm alternating, medians of 2: train step " in stdout
-
-
 def test_ab_alternates_the_two_variants_in_one_process(result):
     r, stdout = result
     ab = r["ab"]
