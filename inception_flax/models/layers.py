@@ -353,9 +353,9 @@ class Common:
         each layer's BatchNorm. The result is the same, and the parameters stay each
         layer's own; what changes is the work: one wide matrix product instead of
         several narrow ones, and in the backward pass one input gradient instead of a
-        sum of several and one pass over `x` for the kernel gradients. On this 2-core
-        CPU the kernel gradient, a product contracting over the `N*H*W` rows, spends
-        much of its time reading `x` across rows, once per product.
+        sum of several, and one kernel gradient instead of several. XLA:CPU runs a
+        kernel gradient (a product contracting over the `N*H*W` rows) markedly slower
+        than a forward product of the same size.
         """
         merge = [c for c in convs if c.pointwise] if self.merge_pointwise else []
         if len(merge) < 2:
