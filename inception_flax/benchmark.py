@@ -89,10 +89,12 @@ class Options:
     threads: int | None = None  # PyTorch threads; None: the CPUs this process may use
     conv_layers: bool = False  # with compare="timm": every convolution alone, ours vs PyTorch
     ab: str | None = None  # one of AB_OPTIONS: time ours with it flipped, alternating steps
+    kernels: str | None = None  # INCEPTION_FLAX_KERNELS for ours; None: the environment's
 
 
 # Model options `--ab` can flip: each changes how the network computes, not what.
-AB_OPTIONS = ("merge_pointwise", "bn_remat", "remat")
+# "onednn": convolutions through oneDNN against XLA's own (`inception_flax.onednn`).
+AB_OPTIONS = ("merge_pointwise", "bn_remat", "remat", "onednn")
 
 
 # ----------------------------------------------------------------------------
@@ -356,6 +358,7 @@ def warm_compile_probe(opts: Options) -> dict[str, Any]:
     """Run in a fresh process whose persistent cache already holds the step."""
     import jax
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    use_kernels(opts)
     counts = _cache_events()
     ours = build_ours(opts)
     before = counts.get("/jax/compilation_cache/cache_hits", 0)
@@ -455,13 +458,22 @@ def bench_ab(opts: Options) -> dict[str, Any]:
     machine, separate runs drift by more than the few percent an option may be worth."""
     import jax
 
+    from inception_flax.models import layers
+
     field = opts.ab
     a = build_ours(opts)
-    value = bool(a.config.model[field])
-    b = build_ours(dataclasses.replace(opts, **{field: not value}))
+    if field == "onednn":  # the kernels are chosen when the step is traced
+        value = layers.onednn_convolutions()
+        b = build_ours(opts)
+        choices = (layers.kernel_choice(), "cpu" if value else "onednn")
+    else:
+        value = bool(a.config.model[field])
+        b = build_ours(dataclasses.replace(opts, **{field: not value}))
+        choices = (layers.kernel_choice(),) * 2
     runs = []
-    for ours in (a, b):
-        compiled = ours.step.lower(ours.state, ours.batch).compile()
+    for ours, choice in zip((a, b), choices):
+        with layers.kernels(choice):
+            compiled = ours.step.lower(ours.state, ours.batch).compile()
         runs.append({"state": ours.state, "step": compiled, "batch": ours.batch, "times": []})
 
     def step(run, times):
@@ -800,10 +812,27 @@ def run_benchmark(opts: Options, log: Callable[[str], None] = lambda s: None
     if opts.compare and name not in TORCH_MODELS:
         raise ValueError(f"--compare timm: no timm / torchvision counterpart of {name}; "
                          f"choose one of {', '.join(TORCH_MODELS)}")
+    use_kernels(opts)
     if opts.compare == "timm":
         import_torch_stack()
     with fresh_cache():
         return _run(opts, name, log)
+
+
+def use_kernels(opts: Options) -> None:
+    """`--kernels`: set INCEPTION_FLAX_KERNELS for this process (and the probe's)."""
+    from inception_flax.models import layers
+    if opts.kernels is not None:
+        os.environ[layers.KERNELS_ENV] = opts.kernels
+    layers.kernel_choice()  # a bad choice, or oneDNN that cannot be built: one line, now
+
+
+def kernels_in_use() -> str:
+    """Which convolutions ours traces with: "onednn", "cpu" (XLA:CPU forms) or "xla"."""
+    from inception_flax.models import layers
+    if layers.onednn_convolutions():
+        return "onednn"
+    return "cpu" if layers.cpu_kernels() else "xla"
 
 
 def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]:
@@ -828,7 +857,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
         "device_kind": jax.devices()[0].device_kind,
         "cpu_threads": cpu_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "huge_page_malloc": hugepages.active(), "jax": jax.__version__,
-        "flax": flax.__version__, "kernels": "cpu" if layers.cpu_kernels() else "xla"}}
+        "flax": flax.__version__, "kernels": kernels_in_use()}}
 
     log("counting multiply-adds")
     infer_macs = summary.summarize(ours.model.clone(aux_logits=False), config.image_size).macs
@@ -1051,6 +1080,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--ab", choices=AB_OPTIONS, default=None,
                    help="also time ours with this model option flipped, train steps of the "
                         "two alternating in this process, and print the ratio")
+    p.add_argument("--kernels", choices=("auto", "onednn", "cpu", "xla"), default=None,
+                   help="ours' convolutions: oneDNN, XLA:CPU's, or plain XLA (sets "
+                        "INCEPTION_FLAX_KERNELS; default: that variable, else auto)")
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._probe is not None:

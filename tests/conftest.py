@@ -3,7 +3,8 @@
 - 2 fake CPU devices, so data-parallel code runs on a real mesh;
 - a light XLA backend optimisation level: the suite compiles many small programs
   whose run time is negligible next to their compile time;
-- one persistent compilation cache for the session, shared with subprocesses.
+- one persistent compilation cache for the session, shared with subprocesses, and
+  one cache for the oneDNN convolutions built from source.
 """
 
 import os
@@ -19,6 +20,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ince
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="inception_flax_tfds_"))
+# oneDNN convolutions (inception_flax/onednn.py) are built once per session, here.
+os.environ.setdefault("INCEPTION_FLAX_CACHE", tempfile.mkdtemp(prefix="inception_flax_native_"))
 
 
 def pytest_configure(config):

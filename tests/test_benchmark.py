@@ -30,7 +30,7 @@ def result(tmp_path_factory):
            "--batch", "2", "--image-size", "32", "--depth-multiplier", "0.25",
            "--num-classes", "10", "--compare", "timm", "--steps", "2", "--warmup", "1",
            "--pipeline-batches", "2", "--matmul-size", "128", "--conv-layers",
-           "--ab", "merge_pointwise", "--json", str(out)]
+           "--ab", "onednn", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,7 +41,7 @@ def test_json_has_every_figure(result):
     r, _ = result
     c = r["config"]
     assert (c["model"], c["batch"], c["image_size"], c["devices"]) == ("inception_v1", 2, 32, 2)
-    assert c["kernels"] == "cpu" and c["device_kind"] and c["flax"]
+    assert c["kernels"] == "onednn" and c["device_kind"] and c["flax"]
     assert c["aux_logits"] and c["depth_multiplier"] == 0.25
     for key in ("params", "macs_per_image", "train_forward_macs_per_image",
                 "train_flops_per_image", "infer_flops_per_image"):
@@ -129,14 +129,13 @@ def test_every_convolution_is_timed_alone_next_to_pytorch(result):
 def test_ab_alternates_the_two_variants_in_one_process(result):
     r, stdout = result
     ab = r["ab"]
-    assert (ab["option"], ab["a"], ab["b"]) == ("merge_pointwise", True, False)
+    assert (ab["option"], ab["a"], ab["b"]) == ("onednn", True, False)
     assert len(ab["a_times_ms"]) == len(ab["b_times_ms"]) == 2
     for k in ("a", "b"):
         assert all(_positive(t) for t in ab[f"{k}_times_ms"])
         assert ab[f"{k}_step_ms"] == pytest.approx(np.median(ab[f"{k}_times_ms"]))
     assert ab["a_over_b"] == pytest.approx(ab["a_step_ms"] / ab["b_step_ms"])
-    assert "A/B in one process, alternating train steps, medians of 2: merge_pointwise=True" \
-        in stdout
+    assert "A/B in one process, alternating train steps, medians of 2: onednn=True" in stdout
 
 
 def test_scanned_convolutions_count_once_per_iteration():

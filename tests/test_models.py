@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from inception_flax import models
+from inception_flax import models, onednn
 from inception_flax.models import __main__ as models_cli
+from inception_flax.models import layers
 from inception_flax.models.inception_resnet import Block35
 from inception_flax.models.layers import (
     NHWC, Common, ConvBN, avg_pool, conv_nhwc, max_pool, max_pool_ceil, stack)
@@ -130,10 +131,11 @@ def test_auxiliary_heads_do_not_run_at_inference():
     images = jnp.zeros((1, 64, 64, 3))
     logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     assert models.aux_logits_of(state) == ()
-    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
-    with_aux = jax.make_jaxpr(lambda v: model.apply(
-        v, images, train=True, mutable=["batch_stats", "intermediates"],
-        rngs={"dropout": jax.random.key(0)}))(variables)
+    with layers.kernels("cpu"):  # XLA's convolution primitives, to count
+        jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
+        with_aux = jax.make_jaxpr(lambda v: model.apply(
+            v, images, train=True, mutable=["batch_stats", "intermediates"],
+            rngs={"dropout": jax.random.key(0)}))(variables)
     assert jaxpr.count("conv_general_dilated") < str(with_aux).count("conv_general_dilated")
 
 
@@ -182,10 +184,12 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert "bf16" in jaxpr
 
 
+@pytest.mark.parametrize("kernels", ["cpu", "onednn"])
 @pytest.mark.parametrize("kernel,padding", [
     ((1, 1), "SAME"), ((3, 3), "SAME"), ((1, 7), "SAME"), ((3, 1), ((1, 0), (0, 0))),
     ((3, 3), "VALID")])
-def test_conv_nhwc_gradients_equal_lax(kernel, padding):
+def test_conv_nhwc_gradients_equal_lax(kernel, padding, kernels, monkeypatch):
+    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", kernels)
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
     w = jax.random.normal(jax.random.key(1), (*kernel, 5, 4))
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
@@ -198,12 +202,15 @@ def test_conv_nhwc_gradients_equal_lax(kernel, padding):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", ["cpu", "onednn"])
 @pytest.mark.parametrize("kernel,strides,padding", [
     ((3, 3), (2, 2), "VALID"), ((3, 3), (2, 2), "SAME"), ((1, 1), (2, 2), "VALID"),
     ((7, 1), (2, 3), "SAME"), ((3, 3), (3, 3), ((0, 1), (2, 0))), ((5, 5), (2, 2), "VALID")])
-def test_strided_conv_gradients_equal_lax_without_dilated_input(kernel, strides, padding):
-    """Strided convolutions: the input gradient by phases equals JAX's, and its
-    compiled form has no lhs-dilated (zero-spread) convolution left."""
+def test_strided_conv_gradients_equal_lax_without_dilated_input(kernel, strides, padding,
+                                                                kernels, monkeypatch):
+    """Strided convolutions: the input gradient (by phases, or oneDNN's) equals JAX's,
+    and its compiled form has no lhs-dilated (zero-spread) convolution left."""
+    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", kernels)
     x = jax.random.normal(jax.random.key(0), (2, 13, 12, 5))
     w = jax.random.normal(jax.random.key(1), (*kernel, 5, 4))
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
@@ -310,19 +317,44 @@ def test_kernel_choice_gives_the_same_network(monkeypatch):
     def run(kernels):
         monkeypatch.setenv("INCEPTION_FLAX_KERNELS", kernels)
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
-        return jax.value_and_grad(loss)(variables["params"]), "custom_vjp" in jaxpr
-    (value, grads), custom = run("xla")
-    (ref_value, ref_grads), ref_custom = run("cpu")
-    assert not custom and ref_custom
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        ffi = jaxpr.count("inception_flax_conv_")
+        return jax.value_and_grad(loss)(variables["params"]), "custom_vjp" in jaxpr, ffi
+    (value, grads), custom, _ = run("xla")
+    (ref_value, ref_grads), ref_custom, ref_ffi = run("cpu")
+    assert not custom and ref_custom and ref_ffi == 0
+    (dnn_value, dnn_grads), _, ffi = run("onednn")
+    assert ffi == 3 * 3  # three convolutions, each forward and both gradients
+    for v, g in ((value, grads), (dnn_value, dnn_grads)):
+        np.testing.assert_allclose(v, ref_value, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_kernel_choice_is_named(monkeypatch):
     monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "gpu")
-    with pytest.raises(ValueError, match="INCEPTION_FLAX_KERNELS='gpu'.*auto, cpu, xla"):
+    with pytest.raises(ValueError, match="INCEPTION_FLAX_KERNELS='gpu'.*auto, onednn, cpu, xla"):
         max_pool(jnp.ones((1, 5, 5, 1)), 3, 2)
+
+
+def test_onednn_that_cannot_be_built_is_one_line_or_a_fallback(monkeypatch, tmp_path, caplog):
+    """No compiler: INCEPTION_FLAX_KERNELS=onednn names the reason and the way out;
+    "auto" warns and traces XLA's convolutions instead."""
+    monkeypatch.setattr(onednn, "_state", {})
+    monkeypatch.setenv("INCEPTION_FLAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "onednn")
+    with pytest.raises(ValueError, match=r"onednn: no C\+\+ compiler 'no-such-compiler'.*"
+                                         "INCEPTION_FLAX_KERNELS=cpu"):
+        layers.kernel_choice()
+    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "auto")
+    layers._warn_once.cache_clear()
+    x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2))
+    with caplog.at_level("WARNING"):
+        jaxpr = str(jax.make_jaxpr(
+            lambda x, w: conv_nhwc(x, w, (1, 1), "SAME", dimension_numbers=NHWC))(x, w))
+    assert "inception_flax_conv_" not in jaxpr and "conv_general_dilated" in jaxpr
+    assert "oneDNN convolutions are unavailable (no C++ compiler" in caplog.text
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
 
 
 class _TwoConvBN(nn.Module):
@@ -390,7 +422,8 @@ def test_merged_pointwise_branches_are_the_same_network():
             y, new = block.apply({**variables, "params": params}, x, True,
                                  mutable=["batch_stats"])
             return jnp.sum(y * probe[..., :y.shape[-1]]), new
-        jaxpr = jax.make_jaxpr(loss)(variables["params"])
+        with layers.kernels("cpu"):  # XLA's convolution primitives, to count
+            jaxpr = jax.make_jaxpr(loss)(variables["params"])
         convs = str(jaxpr).count("conv_general_dilated[")
         (value, new), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
         return variables, convs, value, grads, new

@@ -7,8 +7,11 @@ the figure it implements: a list of `conv(features, kernel)` calls.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import logging
 import math
 import os
 from typing import Any, Callable, ClassVar, Sequence
@@ -17,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from inception_flax import onednn
 
 Dtype = Any
 ModuleDef = Any
@@ -41,28 +46,68 @@ def pair(v: int | Sequence[int]) -> tuple[int, int]:
 # and XLA lays them out itself: there the plain `lax` / Flax operations are used.
 
 KERNELS_ENV = "INCEPTION_FLAX_KERNELS"
-KERNELS = ("auto", "cpu", "xla")
+KERNELS = ("auto", "onednn", "cpu", "xla")
+
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernels", default=None)
+
+
+@contextlib.contextmanager
+def kernels(choice: str):
+    """Trace with `choice` instead of `INCEPTION_FLAX_KERNELS` (this thread, this block)."""
+    if choice not in KERNELS:
+        raise ValueError(f"{choice!r} is not a kernel choice: one of {', '.join(KERNELS)}")
+    token = _forced.set(choice)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
 
 
 def kernel_choice() -> str:
-    """`INCEPTION_FLAX_KERNELS`, checked: "auto" (the default), "cpu" or "xla"."""
-    choice = os.environ.get(KERNELS_ENV, "auto") or "auto"
+    """`INCEPTION_FLAX_KERNELS` (or `kernels`' choice), checked: "auto" (the default),
+    "onednn", "cpu" or "xla". "onednn" is also checked to be buildable here (see
+    `inception_flax.onednn`).
+    """
+    choice = _forced.get() or os.environ.get(KERNELS_ENV, "auto") or "auto"
     if choice not in KERNELS:
         raise ValueError(f"{KERNELS_ENV}={choice!r} is not a kernel choice: set it to one of "
                          f"{', '.join(KERNELS)} (or unset it)")
+    if choice == "onednn":
+        reason = onednn.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"{KERNELS_ENV}=onednn: {reason} (or set {KERNELS_ENV}=cpu)")
     return choice
 
 
 def cpu_kernels() -> bool:
-    """Whether convolutions and pools take this module's XLA:CPU forms.
+    """Whether convolutions and pools take this module's CPU forms.
 
-    "auto" uses them when JAX's default backend is the CPU; "cpu" or "xla" force one
-    side. It is read when a network is traced.
+    "auto" uses them when JAX's default backend is the CPU; "onednn" / "cpu" or "xla"
+    force one side. It is read when a network is traced.
     """
     choice = kernel_choice()
     if choice == "auto":
         return jax.default_backend() == "cpu"
-    return choice == "cpu"
+    return choice != "xla"
+
+
+def onednn_convolutions() -> bool:
+    """Whether float32 convolutions go to oneDNN (`inception_flax.onednn`): with "onednn",
+    and with "auto" on the CPU where it can be built (else XLA's, with one warning)."""
+    choice = kernel_choice()
+    if choice == "auto" and jax.default_backend() == "cpu":
+        if not onednn.available():
+            _warn_once(f"oneDNN convolutions are unavailable ({onednn.unavailable_reason()}); "
+                       f"using XLA's, which train slower on the CPU")
+            return False
+        return True
+    return choice == "onednn"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.warning(message)
 
 
 # ----------------------------------------------------------------------------
@@ -192,8 +237,9 @@ def conv_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
               precision=None, preferred_element_type=None):
     """`lax.conv_general_dilated` for `nn.Conv`, with canonical gradients (see above).
 
-    With `cpu_kernels()`, undilated, ungrouped 2-D NHWC / HWIO convolutions take a
-    custom gradient: stride 1 the canonical one, larger strides the input gradient by
+    With `cpu_kernels()`, undilated, ungrouped 2-D NHWC / HWIO convolutions run
+    through oneDNN when `onednn_convolutions()` (float32), else take a custom
+    gradient: stride 1 the canonical one, larger strides the input gradient by
     phases; anything else, and everything off the CPU, goes to
     `lax.conv_general_dilated` unchanged.
     """
@@ -221,6 +267,8 @@ def conv_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     if extra:
         rhs = jax.lax.pcast(rhs, extra, to="varying")
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if onednn.supports(lhs, rhs, padding) and onednn_convolutions():
+        return onednn.conv(lhs, rhs, strides, padding)
     if strides == (1, 1):
         return _conv_s1(lhs, rhs, padding, precision)
     return _conv_strided(lhs, rhs, strides, padding, precision)
