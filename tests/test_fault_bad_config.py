@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from inception_flax import models, trainer
+from inception_flax import models, onednn, trainer
 from tests import runs
 
 
@@ -72,8 +72,20 @@ def test_bad_field_is_one_line_before_any_compile(tmp_path, field, value, messag
 
 def test_unknown_kernel_choice_is_one_line_before_any_compile(tmp_path, monkeypatch):
     monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "cuda")
+    fails_before_compile(
+        runs.config(2, 2), tmp_path / "run",
+        "INCEPTION_FLAX_KERNELS='cuda' is not a kernel choice: .* auto, onednn, cpu, xla")
+
+
+def test_onednn_that_cannot_be_built_is_one_line_before_any_compile(tmp_path, monkeypatch):
+    monkeypatch.setattr(onednn, "_state", {})  # as in a fresh process
+    monkeypatch.setenv("INCEPTION_FLAX_CACHE", str(tmp_path / "native"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "onednn")
     fails_before_compile(runs.config(2, 2), tmp_path / "run",
-                         "INCEPTION_FLAX_KERNELS='cuda' is not a kernel choice: .* auto, cpu, xla")
+                         r"INCEPTION_FLAX_KERNELS=onednn: no C\+\+ compiler 'no-such-compiler' "
+                         r"on PATH: install g\+\+, or name one in CXX \(or set "
+                         r"INCEPTION_FLAX_KERNELS=cpu\)")
 
 
 def test_init_from_weights_of_another_shape_is_refused_before_any_compile(tmp_path):
