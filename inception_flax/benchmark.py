@@ -463,7 +463,7 @@ def bench_ab(opts: Options) -> dict[str, Any]:
     field = opts.ab
     a = build_ours(opts)
     if field == "onednn":  # the kernels are chosen when the step is traced
-        value = layers.onednn_convolutions()
+        value = layers.native_kernels()
         b = build_ours(opts)
         choices = (layers.kernel_choice(), "cpu" if value else "onednn")
     else:
@@ -830,7 +830,7 @@ def use_kernels(opts: Options) -> None:
 def kernels_in_use() -> str:
     """Which convolutions ours traces with: "onednn", "cpu" (XLA:CPU forms) or "xla"."""
     from inception_flax.models import layers
-    if layers.onednn_convolutions():
+    if layers.native_kernels():
         return "onednn"
     return "cpu" if layers.cpu_kernels() else "xla"
 

@@ -9,16 +9,18 @@ of v3's convolutions 3.85 against 3.19 s per train step.
 
 `native/onednn_conv.cc` wraps oneDNN's forward, input-gradient and
 kernel-gradient convolutions (float32, NHWC activations, HWIO kernels) as XLA
-FFI handlers. This module compiles it on first use with the C++ compiler (`CXX`,
-else `g++`) against the oneDNN wheels pinned in requirements.txt
-(`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) and jaxlib's FFI headers, keeps the
-library under `$INCEPTION_FLAX_CACHE` (default `~/.cache/inception_flax`, keyed
-by the source, the compiler and the library paths), and registers the handlers
-with XLA. `conv` is the convolution with both gradients through them.
+FFI handlers; `native/batch_norm.cc` holds the training BatchNorm's handlers
+(`inception_flax.batch_norm`). This module compiles both into one library on
+first use with the C++ compiler (`CXX`, else `g++`) against the oneDNN wheels
+pinned in requirements.txt (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) and
+jaxlib's FFI headers, keeps it under `$INCEPTION_FLAX_CACHE` (default
+`~/.cache/inception_flax`, keyed by the sources, the compiler and the library
+paths), and registers the handlers with XLA. `conv` is the convolution with both
+gradients through them.
 
-`layers.conv_nhwc` uses it on the CPU when it can be built
-(`INCEPTION_FLAX_KERNELS=auto`, the default) or always (`=onednn`, an error
-when it cannot); `=cpu` keeps XLA's own convolutions.
+`layers.conv_nhwc` and `layers.BatchNorm` use them on the CPU when they can be
+built (`INCEPTION_FLAX_KERNELS=auto`, the default) or always (`=onednn`, an
+error when they cannot); `=cpu` keeps XLA's own convolutions and BatchNorm.
 """
 
 from __future__ import annotations
@@ -37,13 +39,18 @@ from typing import Any
 import jax
 import numpy as np
 
-SOURCE = Path(__file__).parent / "native" / "onednn_conv.cc"
+SOURCES = tuple(Path(__file__).parent / "native" / name
+                for name in ("onednn_conv.cc", "batch_norm.cc"))
 CACHE_ENV = "INCEPTION_FLAX_CACHE"
-TARGETS = ("forward", "input_grad", "kernel_grad")
-SYMBOL = "inception_flax_conv_{}"
+CONV = "inception_flax_conv_{}"
+BATCH_NORM = "inception_flax_bn_{}"
+TARGETS = (*(CONV.format(k) for k in ("forward", "input_grad", "kernel_grad")),
+           *(BATCH_NORM.format(k) for k in ("stats", "apply", "grad_stats", "input_grad")))
 LIBRARY = ("onednn-cpu-gomp", "/libdnnl.so.3")
 HEADERS = ("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
-FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+# -ffp-contract=off: batch_norm.cc computes the same expression in several loops and
+# needs the same rounding in each.
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 
 
 class Unavailable(RuntimeError):
@@ -83,15 +90,16 @@ def build_command(output: Path) -> list[str]:
     ffi_headers = Path(jaxlib.__file__).parent / "include"
     if not (ffi_headers / "xla" / "ffi" / "api" / "ffi.h").exists():
         raise Unavailable(f"jaxlib {jaxlib.__version__} ships no XLA FFI headers in {ffi_headers}")
-    return [cxx, *FLAGS, f"-I{headers}", f"-I{ffi_headers}", str(SOURCE), "-o", str(output),
+    return [cxx, *FLAGS, f"-I{headers}", f"-I{ffi_headers}", *map(str, SOURCES), "-o", str(output),
             str(library), f"-Wl,-rpath,{library.parent}", "-lgomp"]
 
 
 def library_path() -> Path:
-    """The built library, building it first when the cache has none for this source."""
+    """The built library, building it first when the cache has none for these sources."""
     probe = build_command(Path("OUT"))
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(probe).encode()).hexdigest()[:16]
-    target = cache_dir() / f"onednn_conv-{key}.so"
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
+                         + "\0".join(probe).encode()).hexdigest()[:16]
+    target = cache_dir() / f"native-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +111,7 @@ def library_path() -> Path:
                               timeout=600, check=False)
         if proc.returncode != 0:
             lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if "error" in ln]
-            raise Unavailable(f"building {SOURCE.name} failed: "
+            raise Unavailable(f"building {', '.join(s.name for s in SOURCES)} failed: "
                               f"{(lines or [f'exit status {proc.returncode}'])[0].strip()}")
         os.replace(tmp, target)
     finally:
@@ -123,15 +131,14 @@ def load() -> None:
         return
     try:
         lib = ctypes.CDLL(str(library_path()))
-        for name in TARGETS:
-            symbol = SYMBOL.format(name)
+        for symbol in TARGETS:
             jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
     except Unavailable as e:
         _state["error"] = str(e)
         raise
     except (OSError, AttributeError, subprocess.SubprocessError) as e:
-        _state["error"] = f"loading the oneDNN convolutions failed: {e}"
+        _state["error"] = f"loading the native CPU kernels failed: {e}"
         raise Unavailable(_state["error"]) from None
     _state["lib"] = lib
 
@@ -173,7 +180,7 @@ def _call(target: str, like: jax.Array, shape: tuple[int, ...], *args, strides, 
     attrs = {k: np.int64(v) for k, v in attrs.items()}
     # The result varies over the same manual (shard_map) axes as `like`.
     out = jax.typeof(like).update(shape=shape, weak_type=False)
-    return jax.ffi.ffi_call(SYMBOL.format(target), out)(*args, **attrs)
+    return jax.ffi.ffi_call(CONV.format(target), out)(*args, **attrs)
 
 
 def output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:

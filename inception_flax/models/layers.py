@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inception_flax import onednn
+from inception_flax import batch_norm, onednn
 
 Dtype = Any
 ModuleDef = Any
@@ -92,14 +92,15 @@ def cpu_kernels() -> bool:
     return choice != "xla"
 
 
-def onednn_convolutions() -> bool:
-    """Whether float32 convolutions go to oneDNN (`inception_flax.onednn`): with "onednn",
-    and with "auto" on the CPU where it can be built (else XLA's, with one warning)."""
+def native_kernels() -> bool:
+    """Whether float32 convolutions go to oneDNN (`inception_flax.onednn`) and training
+    BatchNorms to the native kernels of `inception_flax.batch_norm`: with "onednn", and
+    with "auto" on the CPU where they can be built (else XLA's, with one warning)."""
     choice = kernel_choice()
     if choice == "auto" and jax.default_backend() == "cpu":
         if not onednn.available():
-            _warn_once(f"oneDNN convolutions are unavailable ({onednn.unavailable_reason()}); "
-                       f"using XLA's, which train slower on the CPU")
+            _warn_once(f"the native CPU kernels are unavailable ({onednn.unavailable_reason()}); "
+                       f"using XLA's convolutions and BatchNorm, which train slower")
             return False
         return True
     return choice == "onednn"
@@ -238,7 +239,7 @@ def conv_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     """`lax.conv_general_dilated` for `nn.Conv`, with canonical gradients (see above).
 
     With `cpu_kernels()`, undilated, ungrouped 2-D NHWC / HWIO convolutions run
-    through oneDNN when `onednn_convolutions()` (float32), else take a custom
+    through oneDNN when `native_kernels()` (float32), else take a custom
     gradient: stride 1 the canonical one, larger strides the input gradient by
     phases; anything else, and everything off the CPU, goes to
     `lax.conv_general_dilated` unchanged.
@@ -267,7 +268,7 @@ def conv_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     if extra:
         rhs = jax.lax.pcast(rhs, extra, to="varying")
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if onednn.supports(lhs, rhs, padding) and onednn_convolutions():
+    if onednn.supports(lhs, rhs, padding) and native_kernels():
         return onednn.conv(lhs, rhs, strides, padding)
     if strides == (1, 1):
         return _conv_s1(lhs, rhs, padding, precision)
@@ -289,6 +290,46 @@ class _Kernel(nn.Module):
     def __call__(self, in_features: int) -> jax.Array:
         return self.param("kernel", conv_init, (*self.kernel_size, in_features, self.features),
                           self.param_dtype)
+
+
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` with an optional ReLU after it (`relu=True`): the same variables
+    (`scale`, `bias`; `mean`, `var` in `batch_stats`) and the same results.
+
+    In training, float32 inputs with the channels last go through the native kernels of
+    `inception_flax.batch_norm` when `native_kernels()`, the ReLU fused in; anything
+    else is `nn.BatchNorm`'s computation, then `nn.relu`.
+    """
+
+    def native(self, x: jax.Array, use_running_average: bool) -> bool:
+        return (not use_running_average and not self.is_initializing()
+                and self.axis in (-1, x.ndim - 1) and self.axis_index_groups is None
+                and batch_norm.supports(x) and jnp.dtype(self.dtype or x.dtype) == x.dtype
+                and native_kernels())
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None,
+                 relu: bool = False):
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average)
+        if mask is not None or not self.native(x, use_running_average):
+            y = super().__call__(x, use_running_average, mask=mask)
+            return nn.relu(y) if relu else y
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                                features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
+                               features)
+        scale = (self.param("scale", self.scale_init, features, self.param_dtype)
+                 if self.use_scale else jnp.ones(features, jnp.float32))
+        bias = (self.param("bias", self.bias_init, features, self.param_dtype)
+                if self.use_bias else jnp.zeros(features, jnp.float32))
+        scale, bias = (batch_norm.varying_like(jnp.asarray(v, jnp.float32), x)
+                       for v in (scale, bias))
+        out, mean, var = batch_norm.train(x, scale, bias, self.epsilon, relu, self.axis_name)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return out
 
 
 class ConvBN(nn.Module):
@@ -319,9 +360,9 @@ class ConvBN(nn.Module):
     def setup(self) -> None:
         self.conv = _Kernel(pair(self.kernel_size), self.features, self.param_dtype)
         # The axis is read only when batch statistics are computed (training).
-        self.bn = nn.BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                               use_scale=self.bn_scale, axis_name=self.axis_name,
-                               dtype=self.dtype, param_dtype=self.param_dtype)
+        self.bn = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                            use_scale=self.bn_scale, axis_name=self.axis_name,
+                            dtype=self.dtype, param_dtype=self.param_dtype)
 
     @property
     def pointwise(self) -> bool:
@@ -345,9 +386,9 @@ class ConvBN(nn.Module):
         activation = self.activation
 
         def bn_act(bn, y):
-            y = bn(y, use_running_average=not train)
-            return nn.relu(y) if activation else y
-        if train and self.bn_remat:
+            return bn(y, use_running_average=not train, relu=activation)
+        # The native BatchNorm keeps only `y` and per-channel vectors already.
+        if train and self.bn_remat and not self.bn.native(y, False):
             return nn.remat(bn_act, policy=_keep_statistics)(self.bn, y)
         return bn_act(self.bn, y)
 
