@@ -55,13 +55,6 @@ def _call(name: str, like: jax.Array, shape: tuple[int, ...], *args, **attrs):
         *args, threads=np.int64(threads), **attrs)
 
 
-def varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
-    """`x` made to vary over the manual (shard_map) axes `like` varies over."""
-    extra = tuple(jax.typeof(like).manual_axis_type.varying
-                  - jax.typeof(x).manual_axis_type.varying)
-    return lax.pcast(x, extra, to="varying") if extra else x
-
-
 def _total(y: jax.Array, sums: jax.Array, axis_name: str | None):
     """The sums over every device of `axis_name`, and the number of rows they cover."""
     rows = y.size // y.shape[-1]

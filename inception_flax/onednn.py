@@ -183,6 +183,16 @@ def _call(target: str, like: jax.Array, shape: tuple[int, ...], *args, strides, 
     return jax.ffi.ffi_call(CONV.format(target), out)(*args, **attrs)
 
 
+def varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
+    """`x` made to vary over the manual (shard_map) axes `like` varies over (a replicated
+    parameter beside per-device activations), as JAX does for its own operations, so that
+    a custom VJP gives its gradient the parameter's type (the cast's transpose sums over
+    the devices)."""
+    extra = tuple(jax.typeof(like).manual_axis_type.varying
+                  - jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, extra, to="varying") if extra else x
+
+
 def output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
     spatial = [(x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1 for i in (0, 1)]
     return (x_shape[0], *spatial, w_shape[3])

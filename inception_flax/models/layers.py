@@ -260,13 +260,8 @@ def conv_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     strides = tuple(int(v) for v in window_strides)
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    # Under shard_map the kernel is replicated and the images vary per device: cast the
-    # kernel to varying first, as JAX does for its own convolution, so that the custom
-    # gradient has the kernel's type (the cast's transpose sums over the devices).
-    extra = tuple(jax.typeof(lhs).manual_axis_type.varying
-                  - jax.typeof(rhs).manual_axis_type.varying)
-    if extra:
-        rhs = jax.lax.pcast(rhs, extra, to="varying")
+    # Under shard_map the kernel is replicated and the images vary per device.
+    rhs = onednn.varying_like(rhs, lhs)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     if onednn.supports(lhs, rhs, padding) and native_kernels():
         return onednn.conv(lhs, rhs, strides, padding)
@@ -324,7 +319,7 @@ class BatchNorm(nn.BatchNorm):
                  if self.use_scale else jnp.ones(features, jnp.float32))
         bias = (self.param("bias", self.bias_init, features, self.param_dtype)
                 if self.use_bias else jnp.zeros(features, jnp.float32))
-        scale, bias = (batch_norm.varying_like(jnp.asarray(v, jnp.float32), x)
+        scale, bias = (onednn.varying_like(jnp.asarray(v, jnp.float32), x)
                        for v in (scale, bias))
         out, mean, var = batch_norm.train(x, scale, bias, self.epsilon, relu, self.axis_name)
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
