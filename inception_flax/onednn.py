@@ -10,7 +10,8 @@ of v3's convolutions 3.85 against 3.19 s per train step.
 `native/onednn_conv.cc` wraps oneDNN's forward, input-gradient and
 kernel-gradient convolutions (float32, NHWC activations, HWIO kernels) as XLA
 FFI handlers; `native/batch_norm.cc` holds the training BatchNorm's handlers
-(`inception_flax.batch_norm`). This module compiles both into one library on
+(`inception_flax.batch_norm`) and `native/max_pool.cc` the max pool's
+(`inception_flax.max_pool`). This module compiles them into one library on
 first use with the C++ compiler (`CXX`, else `g++`) against the oneDNN wheels
 pinned in requirements.txt (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) and
 jaxlib's FFI headers, keeps it under `$INCEPTION_FLAX_CACHE` (default
@@ -39,13 +40,16 @@ from typing import Any
 import jax
 import numpy as np
 
-SOURCES = tuple(Path(__file__).parent / "native" / name
-                for name in ("onednn_conv.cc", "batch_norm.cc"))
+NATIVE = Path(__file__).parent / "native"
+SOURCES = tuple(NATIVE / name for name in ("onednn_conv.cc", "batch_norm.cc", "max_pool.cc"))
+INCLUDES = (NATIVE / "parallel.h",)  # part of the cache key, not compiled on their own
 CACHE_ENV = "INCEPTION_FLAX_CACHE"
 CONV = "inception_flax_conv_{}"
 BATCH_NORM = "inception_flax_bn_{}"
+MAX_POOL = "inception_flax_max_pool{}"
 TARGETS = (*(CONV.format(k) for k in ("forward", "input_grad", "kernel_grad")),
-           *(BATCH_NORM.format(k) for k in ("stats", "apply", "grad_stats", "input_grad")))
+           *(BATCH_NORM.format(k) for k in ("stats", "apply", "grad_stats", "input_grad")),
+           *(MAX_POOL.format(k) for k in ("", "_grad")))
 LIBRARY = ("onednn-cpu-gomp", "/libdnnl.so.3")
 HEADERS = ("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
 # -ffp-contract=off: batch_norm.cc computes the same expression in several loops and
@@ -97,7 +101,7 @@ def build_command(output: Path) -> list[str]:
 def library_path() -> Path:
     """The built library, building it first when the cache has none for these sources."""
     probe = build_command(Path("OUT"))
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + INCLUDES)
                          + "\0".join(probe).encode()).hexdigest()[:16]
     target = cache_dir() / f"native-{key}.so"
     if target.exists():

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from inception_flax import models, onednn
+from inception_flax import batch_norm, models, onednn
 from inception_flax.models import __main__ as models_cli
 from inception_flax.models import layers
 from inception_flax.models.inception_resnet import Block35
@@ -229,16 +229,34 @@ def test_strided_conv_gradients_equal_lax_without_dilated_input(kernel, strides,
     assert dilated(jax.lax.conv_general_dilated) and not dilated(conv_nhwc)
 
 
+@pytest.mark.parametrize("kernels,team", [("onednn", False), ("onednn", True), ("cpu", False)])
 @pytest.mark.parametrize("k,s,padding", [(3, 2, "VALID"), (3, 1, "SAME"), (3, 2, ((0, 1), (1, 1)))])
-def test_max_pool_gradient_equals_select_and_scatter_including_ties(k, s, padding):
-    x = jax.random.normal(jax.random.key(0), (2, 13, 12, 3))
+def test_max_pool_gradient_equals_select_and_scatter_including_ties(k, s, padding, kernels, team,
+                                                                    monkeypatch):
+    """The CPU forms of the max pool: the native kernels (`inception_flax.max_pool`, one
+    FFI call forward and one backward; `team`: two OpenMP threads split the rows and the
+    images) and `layers._max_pool` (elementwise, no scatter). Both route each output's
+    gradient to the first maximum of its window, as `select_and_scatter` does."""
+    if team:
+        monkeypatch.setattr(batch_norm, "TEAM_ELEMENTS", 0)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(2 * jax.local_device_count()))
+    x = jax.random.normal(jax.random.key(0), (3, 13, 12, 5))
     x = jnp.maximum(jnp.round(x), 0.0)  # many ties, as after a ReLU
     ref_y, ref_vjp = jax.vjp(lambda x: nn.max_pool(x, (k, k), (s, s), padding=padding), x)
-    y, vjp = jax.vjp(lambda x: max_pool(x, k, s, padding), x)
-    g = jax.random.normal(jax.random.key(1), y.shape)
+    with layers.kernels(kernels):
+        y, vjp = jax.vjp(lambda x: max_pool(x, k, s, padding), x)
+        jaxpr = str(jax.make_jaxpr(lambda x, g: jax.vjp(lambda x: max_pool(x, k, s, padding),
+                                                        x)[1](g))(x, y))
+        bf16 = str(jax.make_jaxpr(lambda x: max_pool(x, k, s, padding))(x.astype(jnp.bfloat16)))
+    # Whole numbers: the sums of overlapping windows' gradients are exact in any order.
+    g = jnp.round(4 * jax.random.normal(jax.random.key(1), y.shape))
     np.testing.assert_array_equal(y, ref_y)
-    np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(vjp(g)[0], ref_vjp(g)[0])
     assert " scatter(" not in jax.jit(vjp).lower(g).compile().as_text()
+    native = 1 if kernels == "onednn" else 0
+    grads = jaxpr.count("inception_flax_max_pool_grad")
+    assert (jaxpr.count("inception_flax_max_pool") - grads, grads) == (native, native)
+    assert "inception_flax_max_pool" not in bf16
 
 
 def test_ceil_mode_max_pool_keeps_its_output_size():
@@ -317,15 +335,17 @@ def test_kernel_choice_gives_the_same_network(monkeypatch):
     def run(kernels):
         monkeypatch.setenv("INCEPTION_FLAX_KERNELS", kernels)
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
-        ffi = (jaxpr.count("inception_flax_conv_"), jaxpr.count("inception_flax_bn_"))
+        ffi = (jaxpr.count("inception_flax_conv_"), jaxpr.count("inception_flax_bn_"),
+               jaxpr.count("inception_flax_max_pool"))
         return jax.value_and_grad(loss)(variables["params"]), "custom_vjp" in jaxpr, ffi
     (value, grads), custom, _ = run("xla")
     (ref_value, ref_grads), ref_custom, ref_ffi = run("cpu")
-    assert not custom and ref_custom and ref_ffi == (0, 0)
+    assert not custom and ref_custom and ref_ffi == (0, 0, 0)
     (dnn_value, dnn_grads), _, ffi = run("onednn")
     # Three convolutions, each forward and both gradients; three BatchNorms, each
-    # statistics and output forward, sums and input gradient backward.
-    assert ffi == (3 * 3, 3 * 4)
+    # statistics and output forward, sums and input gradient backward; two max pools,
+    # each forward and backward.
+    assert ffi == (3 * 3, 3 * 4, 2 * 2)
     for v, g in ((value, grads), (dnn_value, dnn_grads)):
         np.testing.assert_allclose(v, ref_value, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_grads)):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inception_flax import batch_norm, onednn
+from inception_flax import max_pool as max_pool_lib
 
 Dtype = Any
 ModuleDef = Any
@@ -93,9 +94,10 @@ def cpu_kernels() -> bool:
 
 
 def native_kernels() -> bool:
-    """Whether float32 convolutions go to oneDNN (`inception_flax.onednn`) and training
-    BatchNorms to the native kernels of `inception_flax.batch_norm`: with "onednn", and
-    with "auto" on the CPU where they can be built (else XLA's, with one warning)."""
+    """Whether float32 convolutions go to oneDNN (`inception_flax.onednn`), training
+    BatchNorms and max pools to the native kernels of `inception_flax.batch_norm` and
+    `inception_flax.max_pool`: with "onednn", and with "auto" on the CPU where they can
+    be built (else XLA's, with one warning)."""
     choice = kernel_choice()
     if choice == "auto" and jax.default_backend() == "cpu":
         if not onednn.available():
@@ -622,10 +624,15 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def max_pool(x: jax.Array, k: int, s: int, padding: Padding = "VALID") -> jax.Array:
-    """k x k max pool, stride s, on NHWC maps (padding: "VALID", "SAME" or explicit pairs)."""
+    """k x k max pool, stride s, on NHWC maps (padding: "VALID", "SAME" or explicit pairs).
+
+    On the CPU: through the native kernels (`inception_flax.max_pool`) where they run
+    (`native_kernels()`, float32), else `_max_pool`."""
     pads = _pool_pads(x, k, s, padding)
     if not cpu_kernels():
         return nn.max_pool(x, (k, k), (s, s), padding=pads)
+    if native_kernels() and max_pool_lib.supports(x, k, pads):
+        return max_pool_lib.max_pool(x, k, s, pads)
     return _max_pool(x, k, s, pads)
 
 

@@ -16,17 +16,18 @@
 // Rows are split among `threads` OpenMP threads. The sums are taken in float over
 // blocks of rows and added in double, then over the threads.
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace {
 
 namespace ffi = xla::ffi;
+using inception_flax::ForRows;
+using inception_flax::TeamSize;
 using Vec = ffi::Buffer<ffi::F32, 1>;
 using Sums = ffi::Buffer<ffi::F32, 2>;
 constexpr int64_t kBlock = 32;  // rows summed in float before adding into double
@@ -106,25 +107,6 @@ CLONES void InputGradRows(const float* R g, const float* R y, const float* R a, 
       d[c] = ga + v * k1[c] + k0[c];
     }
   }
-}
-
-// At least a few thousand elements per thread (inception_flax/batch_norm.py decides
-// when a map is worth more than one thread).
-int TeamSize(int64_t threads, int64_t elements) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, elements / 4096)));
-}
-
-// body(lo, hi, thread) over `rows` of `cols` split evenly among the team.
-template <typename Body>
-int ForRows(int64_t rows, int64_t cols, int64_t threads, Body body) {
-  int team = TeamSize(threads, rows * cols);
-#pragma omp parallel num_threads(team) if (team > 1)
-  {
-    int t = omp_get_thread_num(), n = omp_get_num_threads();
-    int64_t per = (rows + n - 1) / n, lo = std::min(rows, t * per);
-    body(lo, std::min(rows, lo + per), t);
-  }
-  return team;
 }
 
 // Two per-channel sums over all rows into out[0, :] and out[1, :].
