@@ -449,29 +449,31 @@ def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, 
 
     times = _median_times(infer_step, opts.steps, opts.warmup)
     out.update(_rates(times, opts.batch, flops["infer"], "infer"))
+    # The compiled step and its state, for `bench_ab`'s A (`_run` takes it out).
+    out["_step"] = {"state": holder["state"], "step": compiled, "batch": ours.batch}
     return out
 
 
-def bench_ab(opts: Options) -> dict[str, Any]:
+def bench_ab(opts: Options, a: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ours as configured (A) and with `opts.ab` flipped (B), train steps alternating in
     this process (A B, B A, A B, ...), so that both see the same machine: on a shared
-    machine, separate runs drift by more than the few percent an option may be worth."""
+    machine, separate runs drift by more than the few percent an option may be worth.
+    `a`: A's compiled step, state and batch when `bench_ours` has them already."""
     import jax
 
     from inception_flax.models import layers
 
     field = opts.ab
-    a = build_ours(opts)
     if field == "onednn":  # the kernels are chosen when the step is traced
         value = layers.native_kernels()
-        b = build_ours(opts)
-        choices = (layers.kernel_choice(), "cpu" if value else "onednn")
+        b_opts, choices = opts, (layers.kernel_choice(), "cpu" if value else "onednn")
     else:
-        value = bool(a.config.model[field])
-        b = build_ours(dataclasses.replace(opts, **{field: not value}))
+        value = bool(load_config(opts).model[field])
+        b_opts = dataclasses.replace(opts, **{field: not value})
         choices = (layers.kernel_choice(),) * 2
-    runs = []
-    for ours, choice in zip((a, b), choices):
+    runs = [] if a is None else [{**a, "times": []}]
+    for built_opts, choice in list(zip((opts, b_opts), choices))[len(runs):]:
+        ours = build_ours(built_opts)
         with layers.kernels(choice):
             compiled = ours.step.lower(ours.state, ours.batch).compile()
         runs.append({"state": ours.state, "step": compiled, "batch": ours.batch, "times": []})
@@ -839,7 +841,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
     import flax
     import jax
 
-    from inception_flax.models import layers, summary
+    from inception_flax.models import summary
 
     log(f"building {name} (trainer state and step)")
     ours = build_ours(opts)
@@ -882,6 +884,7 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
 
     log("ours: compile (cold, then warm in a subprocess), train and inference steps")
     ours_out = bench_ours(opts, ours, flops)
+    compiled_a = ours_out.pop("_step") if opts.ab else None
     del ours
     for k in ("train", "infer"):
         ours_out[f"{k}_fraction_of_matmul"] = ours_out[f"{k}_gflops"] / peak
@@ -909,7 +912,8 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
 
     if opts.ab:
         log(f"A/B: {opts.ab} as configured and flipped, train steps alternating")
-        result["ab"] = bench_ab(opts)
+        result["ab"] = bench_ab(opts, compiled_a)
+        compiled_a = None
 
     if opts.memory_sweep:
         log("memory sweep: compiling at two batch sizes, remat off and on")

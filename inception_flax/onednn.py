@@ -19,9 +19,10 @@ jaxlib's FFI headers, keeps it under `$INCEPTION_FLAX_CACHE` (default
 paths), and registers the handlers with XLA. `conv` is the convolution with both
 gradients through them.
 
-`layers.conv_nhwc` and `layers.BatchNorm` use them on the CPU when they can be
-built (`INCEPTION_FLAX_KERNELS=auto`, the default) or always (`=onednn`, an
-error when they cannot); `=cpu` keeps XLA's own convolutions and BatchNorm.
+`layers.conv_nhwc`, `layers.BatchNorm` and `layers.max_pool` use them on the
+CPU when they can be built (`INCEPTION_FLAX_KERNELS=auto`, the default) or
+always (`=onednn`, an error when they cannot); `=cpu` keeps XLA's own
+convolutions and pools and Flax's BatchNorm.
 """
 
 from __future__ import annotations

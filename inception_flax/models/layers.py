@@ -339,6 +339,8 @@ class ConvBN(nn.Module):
     `bn_remat`: in training, keep only the convolution's output and the batch
     statistics for the backward pass, and recompute the normalisation and ReLU there
     (elementwise work) instead of storing their float32 intermediates and the ReLU mask.
+    The native CPU BatchNorm (`BatchNorm.native`) keeps only those already: there it
+    changes nothing.
     """
 
     features: int
