@@ -47,10 +47,16 @@ def supports(x: jax.Array) -> bool:
 TEAM_ELEMENTS = 1 << 20
 
 
+def team_threads(size: int) -> int:
+    """OpenMP threads for an elementwise native kernel over `size` elements (also the
+    max pools' of `inception_flax.max_pool`)."""
+    return onednn.threads() if size >= TEAM_ELEMENTS else 1
+
+
 def _call(name: str, like: jax.Array, shape: tuple[int, ...], *args, **attrs):
     # The result varies over the same manual (shard_map) axes as `like`.
     out = jax.typeof(like).update(shape=shape, dtype=jnp.float32, weak_type=False)
-    threads = onednn.threads() if like.size >= TEAM_ELEMENTS else 1
+    threads = team_threads(like.size)
     return jax.ffi.ffi_call(onednn.BATCH_NORM.format(name), out)(
         *args, threads=np.int64(threads), **attrs)
 

@@ -399,7 +399,8 @@ def fresh_cache():
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, Any]:
+def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     import jax
 
     from inception_flax import trainer
@@ -449,9 +450,8 @@ def bench_ours(opts: Options, ours: Ours, flops: dict[str, float]) -> dict[str, 
 
     times = _median_times(infer_step, opts.steps, opts.warmup)
     out.update(_rates(times, opts.batch, flops["infer"], "infer"))
-    # The compiled step and its state, for `bench_ab`'s A (`_run` takes it out).
-    out["_step"] = {"state": holder["state"], "step": compiled, "batch": ours.batch}
-    return out
+    # The compiled step and its state: `bench_ab`'s A.
+    return out, {"state": holder["state"], "step": compiled, "batch": ours.batch}
 
 
 def bench_ab(opts: Options, a: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -471,12 +471,14 @@ def bench_ab(opts: Options, a: dict[str, Any] | None = None) -> dict[str, Any]:
         value = bool(load_config(opts).model[field])
         b_opts = dataclasses.replace(opts, **{field: not value})
         choices = (layers.kernel_choice(),) * 2
-    runs = [] if a is None else [{**a, "times": []}]
-    for built_opts, choice in list(zip((opts, b_opts), choices))[len(runs):]:
-        ours = build_ours(built_opts)
+
+    def compiled_run(run_opts: Options, choice: str) -> dict[str, Any]:
+        ours = build_ours(run_opts)
         with layers.kernels(choice):
             compiled = ours.step.lower(ours.state, ours.batch).compile()
-        runs.append({"state": ours.state, "step": compiled, "batch": ours.batch, "times": []})
+        return {"state": ours.state, "step": compiled, "batch": ours.batch}
+    runs = [{**(a or compiled_run(opts, choices[0])), "times": []},
+            {**compiled_run(b_opts, choices[1]), "times": []}]
 
     def step(run, times):
         start = time.perf_counter()
@@ -883,8 +885,9 @@ def _run(opts: Options, name: str, log: Callable[[str], None]) -> dict[str, Any]
     result["machine"] = machine
 
     log("ours: compile (cold, then warm in a subprocess), train and inference steps")
-    ours_out = bench_ours(opts, ours, flops)
-    compiled_a = ours_out.pop("_step") if opts.ab else None
+    ours_out, compiled_a = bench_ours(opts, ours, flops)
+    if not opts.ab:
+        compiled_a = None  # release our state before the phases below
     del ours
     for k in ("train", "infer"):
         ours_out[f"{k}_fraction_of_matmul"] = ours_out[f"{k}_gflops"] / peak

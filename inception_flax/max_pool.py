@@ -41,7 +41,7 @@ def _call(name: str, like: jax.Array, outs, *args, k: int, s: int, pads: Pads, s
     # Results vary over the same manual (shard_map) axes as `like`. `size`: the input's.
     types = [jax.typeof(like).update(shape=shape, dtype=dtype, weak_type=False)
              for shape, dtype in outs]
-    threads = onednn.threads() if size >= batch_norm.TEAM_ELEMENTS else 1
+    threads = batch_norm.team_threads(size)
     attrs = {"k": k, "s": s, "pt": pads[0][0], "pl": pads[1][0], "threads": threads}
     return jax.ffi.ffi_call(onednn.MAX_POOL.format(name), types)(
         *args, **{a: np.int64(v) for a, v in attrs.items()})

@@ -205,6 +205,15 @@ def test_memory_sweep_and_loss_are_reported():
     assert "XLA buffers of the train step" in table and "4,000" in table and "1,700" in table
 
 
+def test_a_run_without_ab_or_timm_writes_its_json():
+    """Only ours: the result (what --json writes) holds plain values, no compiled step."""
+    r = benchmark.run_benchmark(benchmark.Options(
+        model="googlenet", batch=2, image_size=32, depth_multiplier=0.25, num_classes=10,
+        steps=1, warmup=0, pipeline_batches=0, matmul_size=64, warm_compile=False))
+    assert "ab" not in r and "timm" not in r
+    assert json.loads(json.dumps(r))["ours"]["train_images_per_sec"] > 0
+
+
 def test_networks_without_a_timm_counterpart_fail_clearly():
     with pytest.raises(ValueError, match="no timm / torchvision counterpart of bn_inception"):
         benchmark.run_benchmark(benchmark.Options(model="bn_inception", batch=2,

@@ -102,7 +102,8 @@ def native_kernels() -> bool:
     if choice == "auto" and jax.default_backend() == "cpu":
         if not onednn.available():
             _warn_once(f"the native CPU kernels are unavailable ({onednn.unavailable_reason()}); "
-                       f"using XLA's convolutions and BatchNorm, which train slower")
+                       f"using XLA's convolutions and pools and Flax's BatchNorm, which "
+                       f"train slower")
             return False
         return True
     return choice == "onednn"
