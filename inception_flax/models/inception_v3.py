@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 
 from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stem_3x3, stem_pool_1x1_3x3)
+    AuxHead, Common, InceptionNet, concat, fork, max_pool, stem_3x3, stem_pool_1x1_3x3)
 
 
 class InceptionA(nn.Module):
@@ -28,19 +28,17 @@ class InceptionA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        b0, b1, b2 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
             x, train,
-            conv(d(64), 1, name="Branch_0_1x1"),
-            conv(d(48), 1, name="Branch_1_1x1"),
-            conv(d(64), 1, name="Branch_2_1x1"),
-        )
-        b1 = conv(d(64), 5, name="Branch_1_5x5")(b1, train)
-        b2 = conv(d(96), 3, name="Branch_2_3x3a")(b2, train)
-        b2 = conv(d(96), 3, name="Branch_2_3x3b")(b2, train)
-        b3 = avg_pool(x, 3, count_include_pad=self.pool_include_pad)
-        b3 = conv(d(self.pool_features), 1, name="Branch_3_1x1")(b3, train)
-        return concat([b0, b1, b2, b3])
+            [conv(d(64), 1, name="Branch_0_1x1")],
+            [conv(d(48), 1, name="Branch_1_1x1"), conv(d(64), 5, name="Branch_1_5x5")],
+            [conv(d(64), 1, name="Branch_2_1x1"), conv(d(96), 3, name="Branch_2_3x3a"),
+             conv(d(96), 3, name="Branch_2_3x3b")],
+            [c.avg_pool(3, count_include_pad=self.pool_include_pad),
+             conv(d(self.pool_features), 1, name="Branch_3_1x1")],
+        ))
 
 
 class InceptionB(nn.Module):
@@ -50,13 +48,15 @@ class InceptionB(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(384), 3, strides=2, padding="VALID", name="Branch_0_3x3")(x, train)
-        b1 = conv(d(64), 1, name="Branch_1_1x1")(x, train)
-        b1 = conv(d(96), 3, name="Branch_1_3x3a")(b1, train)
-        b1 = conv(d(96), 3, strides=2, padding="VALID", name="Branch_1_3x3b")(b1, train)
-        b2 = max_pool(x, 3, 2)
-        return concat([b0, b1, b2])
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
+            x, train,
+            [conv(d(384), 3, strides=2, padding="VALID", name="Branch_0_3x3")],
+            [conv(d(64), 1, name="Branch_1_1x1"), conv(d(96), 3, name="Branch_1_3x3a"),
+             conv(d(96), 3, strides=2, padding="VALID", name="Branch_1_3x3b")],
+            [c.max_pool(3, 2)],
+        ))
 
 
 class InceptionC(nn.Module):
@@ -68,23 +68,20 @@ class InceptionC(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
+        c = self.common
+        conv, d = c.conv, c.depth
         c7 = d(self.channels_7x7)
-        b0, b1, b2 = self.common.branches(
+        return concat(c.towers(
             x, train,
-            conv(d(192), 1, name="Branch_0_1x1"),
-            conv(c7, 1, name="Branch_1_1x1"),
-            conv(c7, 1, name="Branch_2_1x1"),
-        )
-        b1 = conv(c7, (1, 7), name="Branch_1_1x7")(b1, train)
-        b1 = conv(d(192), (7, 1), name="Branch_1_7x1")(b1, train)
-        b2 = conv(c7, (7, 1), name="Branch_2_7x1a")(b2, train)
-        b2 = conv(c7, (1, 7), name="Branch_2_1x7a")(b2, train)
-        b2 = conv(c7, (7, 1), name="Branch_2_7x1b")(b2, train)
-        b2 = conv(d(192), (1, 7), name="Branch_2_1x7b")(b2, train)
-        b3 = avg_pool(x, 3, count_include_pad=self.pool_include_pad)
-        b3 = conv(d(192), 1, name="Branch_3_1x1")(b3, train)
-        return concat([b0, b1, b2, b3])
+            [conv(d(192), 1, name="Branch_0_1x1")],
+            [conv(c7, 1, name="Branch_1_1x1"), conv(c7, (1, 7), name="Branch_1_1x7"),
+             conv(d(192), (7, 1), name="Branch_1_7x1")],
+            [conv(c7, 1, name="Branch_2_1x1"), conv(c7, (7, 1), name="Branch_2_7x1a"),
+             conv(c7, (1, 7), name="Branch_2_1x7a"), conv(c7, (7, 1), name="Branch_2_7x1b"),
+             conv(d(192), (1, 7), name="Branch_2_1x7b")],
+            [c.avg_pool(3, count_include_pad=self.pool_include_pad),
+             conv(d(192), 1, name="Branch_3_1x1")],
+        ))
 
 
 class InceptionD(nn.Module):
@@ -94,18 +91,17 @@ class InceptionD(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        b0, b1 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
             x, train,
-            conv(d(192), 1, name="Branch_0_1x1"),
-            conv(d(192), 1, name="Branch_1_1x1"),
-        )
-        b0 = conv(d(320), 3, strides=2, padding="VALID", name="Branch_0_3x3")(b0, train)
-        b1 = conv(d(192), (1, 7), name="Branch_1_1x7")(b1, train)
-        b1 = conv(d(192), (7, 1), name="Branch_1_7x1")(b1, train)
-        b1 = conv(d(192), 3, strides=2, padding="VALID", name="Branch_1_3x3")(b1, train)
-        b2 = max_pool(x, 3, 2)
-        return concat([b0, b1, b2])
+            [conv(d(192), 1, name="Branch_0_1x1"),
+             conv(d(320), 3, strides=2, padding="VALID", name="Branch_0_3x3")],
+            [conv(d(192), 1, name="Branch_1_1x1"), conv(d(192), (1, 7), name="Branch_1_1x7"),
+             conv(d(192), (7, 1), name="Branch_1_7x1"),
+             conv(d(192), 3, strides=2, padding="VALID", name="Branch_1_3x3")],
+            [c.max_pool(3, 2)],
+        ))
 
 
 class InceptionE(nn.Module):
@@ -116,25 +112,20 @@ class InceptionE(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        b0, b1, b2 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
             x, train,
-            conv(d(320), 1, name="Branch_0_1x1"),
-            conv(d(384), 1, name="Branch_1_1x1"),
-            conv(d(448), 1, name="Branch_2_1x1"),
-        )
-        b1 = concat([
-            conv(d(384), (1, 3), name="Branch_1_1x3")(b1, train),
-            conv(d(384), (3, 1), name="Branch_1_3x1")(b1, train),
-        ])
-        b2 = conv(d(384), 3, name="Branch_2_3x3")(b2, train)
-        b2 = concat([
-            conv(d(384), (1, 3), name="Branch_2_1x3")(b2, train),
-            conv(d(384), (3, 1), name="Branch_2_3x1")(b2, train),
-        ])
-        b3 = avg_pool(x, 3, count_include_pad=self.pool_include_pad)
-        b3 = conv(d(192), 1, name="Branch_3_1x1")(b3, train)
-        return concat([b0, b1, b2, b3])
+            [conv(d(320), 1, name="Branch_0_1x1")],
+            [conv(d(384), 1, name="Branch_1_1x1"),
+             fork(conv(d(384), (1, 3), name="Branch_1_1x3"),
+                  conv(d(384), (3, 1), name="Branch_1_3x1"))],
+            [conv(d(448), 1, name="Branch_2_1x1"), conv(d(384), 3, name="Branch_2_3x3"),
+             fork(conv(d(384), (1, 3), name="Branch_2_1x3"),
+                  conv(d(384), (3, 1), name="Branch_2_3x1"))],
+            [c.avg_pool(3, count_include_pad=self.pool_include_pad),
+             conv(d(192), 1, name="Branch_3_1x1")],
+        ))
 
 
 class InceptionV3(InceptionNet):

@@ -434,28 +434,39 @@ class Common:
             param_dtype=self.param_dtype,
         )
 
-    def branches(self, x: jax.Array, train: bool, *convs: ConvBN) -> list[jax.Array]:
-        """`[conv(x, train) for conv in convs]`: the first layers of branches that read `x`.
+    def towers(self, x: jax.Array, train: bool, *towers: Sequence[Layer]) -> list[jax.Array]:
+        """The outputs of the branches of a block that all read `x`, each branch (tower) a
+        sequence of layers applied in order, as the papers' figures draw them.
 
-        With `merge_pointwise`, the 1x1 stride-1 layers among them run as one
-        convolution with their kernels side by side, and its output is split back into
-        each layer's BatchNorm. The result is the same, and the parameters stay each
-        layer's own; what changes is the work: one wide matrix product instead of
-        several narrow ones, and in the backward pass one input gradient instead of a
-        sum of several, and one kernel gradient instead of several. XLA:CPU runs a
-        kernel gradient (a product contracting over the `N*H*W` rows) markedly slower
-        than a forward product of the same size.
+        A layer is anything called as `layer(x, train)`: a `conv(...)`, a pool from
+        `max_pool` / `avg_pool`, a `fork(...)`. With `merge_pointwise`, the towers that
+        open with a 1x1 stride-1 convolution run those first layers as one convolution
+        with their kernels side by side, split back into each layer's BatchNorm: the
+        same result, and each layer keeps its own parameters (see `merged_pointwise`).
         """
-        merge = [c for c in convs if c.pointwise] if self.merge_pointwise else []
-        if len(merge) < 2:
-            return [c(x, train) for c in convs]
-        x = jnp.asarray(x, self.dtype)
-        kernels = [c.kernel(x.shape[-1]) for c in merge]
-        y = conv_nhwc(x, jnp.concatenate(kernels, axis=-1), (1, 1), "VALID",
-                      dimension_numbers=NHWC)
-        parts = jnp.split(y, np.cumsum([k.shape[-1] for k in kernels])[:-1].tolist(), axis=-1)
-        merged = {id(c): c.normalize(part, train) for c, part in zip(merge, parts)}
+        firsts = merged_pointwise(self, x, train, [t[0] for t in towers if t])
+        outs = []
+        for tower in towers:
+            y = firsts[id(tower[0])] if tower and id(tower[0]) in firsts else x
+            for layer in tower[1:] if tower and id(tower[0]) in firsts else tower:
+                y = layer(y, train)
+            outs.append(y)
+        return outs
+
+    def branches(self, x: jax.Array, train: bool, *convs: ConvBN) -> list[jax.Array]:
+        """Deprecated: the first layers of `towers` (kept until every family uses them)."""
+        merged = merged_pointwise(self, x, train, convs)
         return [merged[id(c)] if id(c) in merged else c(x, train) for c in convs]
+
+    def max_pool(self, k: int, s: int, padding: Padding = "VALID") -> Layer:
+        """A k x k max pool at stride s, as a layer."""
+        return Pool(functools.partial(max_pool, k=k, s=s, padding=padding))
+
+    def avg_pool(self, k: int, s: int = 1, padding: Padding = "SAME",
+                 count_include_pad: bool = False) -> Layer:
+        """A k x k average pool at stride s, as a layer (see `avg_pool`)."""
+        return Pool(functools.partial(avg_pool, k=k, s=s, padding=padding,
+                                      count_include_pad=count_include_pad))
 
     @property
     def dense(self) -> Callable[..., nn.Dense]:
@@ -470,6 +481,49 @@ class Common:
             nn.Conv, use_bias=True, kernel_init=conv_init, dtype=self.dtype,
             param_dtype=self.param_dtype, conv_general_dilated=conv_nhwc,
         )
+
+
+Layer = Callable[..., jax.Array]  # called as layer(x, train)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """A pooling function as a layer: `Pool(fn)(x, train) == fn(x)`."""
+
+    fn: Callable[[jax.Array], jax.Array]
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        return self.fn(x)
+
+
+def fork(*layers: Layer) -> Layer:
+    """Layers that each read the same input, their outputs concatenated (the parallel
+    1x3 / 3x1 outputs of the expanded filter banks, Rethinking Fig. 7)."""
+    def layer(x: jax.Array, train: bool) -> jax.Array:
+        return concat([f(x, train) for f in layers])
+    return layer
+
+
+def merged_pointwise(common: Common, x: jax.Array, train: bool, layers: Sequence[Layer]
+                     ) -> dict[int, jax.Array]:
+    """`{id(layer): layer(x, train)}` for the 1x1 stride-1 `ConvBN`s among `layers`, run
+    as one convolution when there are two or more and `common.merge_pointwise` (else {}).
+
+    One wide matrix product instead of several narrow ones, and in the backward pass one
+    input gradient instead of a sum of several, and one kernel gradient instead of
+    several. XLA:CPU runs a kernel gradient (a product contracting over the `N*H*W` rows)
+    markedly slower than a forward product of the same size.
+    """
+    merge = [c for c in layers if isinstance(c, ConvBN) and c.pointwise]
+    if not common.merge_pointwise or len(merge) < 2:
+        return {}
+    x = jnp.asarray(x, common.dtype)
+    kernels = [c.kernel(x.shape[-1]) for c in merge]
+    y = conv_nhwc(x, jnp.concatenate(kernels, axis=-1), (1, 1), "VALID",
+                  dimension_numbers=NHWC)
+    parts = jnp.split(y, np.cumsum([k.shape[-1] for k in kernels])[:-1].tolist(), axis=-1)
+    return {id(c): c.normalize(part, train) for c, part in zip(merge, parts)}
 
 
 class InceptionNet(nn.Module):
