@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 
 from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, concat, fork, max_pool, stem_3x3, stem_pool_1x1_3x3)
+    AuxHead, Common, InceptionNet, concat, fork, stem_3x3, stem_pool_1x1_3x3)
 
 
 class InceptionA(nn.Module):
@@ -148,7 +148,7 @@ class InceptionV3(InceptionNet):
             x = stem_3x3(c, x, train)
         else:
             x = c.conv(c.depth(64), 7, strides=2, padding="VALID", name="Conv2d_1a_7x7")(x, train)
-        return max_pool(stem_pool_1x1_3x3(c, x, train), 3, 2)
+        return c.max_pool(3, 2)(stem_pool_1x1_3x3(c, x, train))
 
     def features(self, x: jax.Array, train: bool) -> jax.Array:
         c, pad = self.common, self.pool_include_pad

@@ -462,6 +462,10 @@ class Common:
         """A k x k max pool at stride s, as a layer."""
         return Pool(functools.partial(max_pool, k=k, s=s, padding=padding))
 
+    def max_pool_ceil(self, k: int, s: int, pad: int = 0) -> Layer:
+        """A max pool with ceil-mode output size (GoogLeNet / BN-Inception), as a layer."""
+        return Pool(functools.partial(max_pool_ceil, k=k, s=s, pad=pad))
+
     def avg_pool(self, k: int, s: int = 1, padding: Padding = "SAME",
                  count_include_pad: bool = False) -> Layer:
         """A k x k average pool at stride s, as a layer (see `avg_pool`)."""
