@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax
 
 from inception_flax.models.inception_v1 import same
-from inception_flax.models.layers import (
-    InceptionNet, Common, avg_pool, concat, max_pool_ceil)
+from inception_flax.models.layers import Common, InceptionNet, concat
 
 
 class Widths(NamedTuple):
@@ -56,24 +55,26 @@ class InceptionBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
+        c = self.common
+        conv, d = c.conv, c.depth
         w = self.widths
         s = 1 if w.c1 else 2
-        first = [conv(d(w.c3r), 1, name="Branch_1_1x1"), conv(d(w.cd3r), 1, name="Branch_2_1x1")]
-        if w.c1:
-            first.insert(0, conv(d(w.c1), 1, name="Branch_0_1x1"))
-        *out, b1, b2 = self.common.branches(x, train, *first)
-        out.append(conv(d(w.c3), 3, strides=s, padding=same(3), name="Branch_1_3x3")(b1, train))
-        b2 = conv(d(w.cd3), 3, padding=same(3), name="Branch_2_3x3a")(b2, train)
-        out.append(conv(d(w.cd3), 3, strides=s, padding=same(3), name="Branch_2_3x3b")(b2, train))
         if w.pool == "avg":
-            b3 = avg_pool(x, 3, count_include_pad=True)
+            pool = c.avg_pool(3, count_include_pad=True)
         else:
-            b3 = max_pool_ceil(x, 3, s, pad=1 if s == 1 else 0)
-        if w.pool_proj:
-            b3 = conv(d(w.pool_proj), 1, name="Branch_3_1x1")(b3, train)
-        out.append(b3)
-        return concat(out)
+            pool = c.max_pool_ceil(3, s, pad=1 if s == 1 else 0)
+        tower_0 = [[conv(d(w.c1), 1, name="Branch_0_1x1")]] if w.c1 else []
+        project = [conv(d(w.pool_proj), 1, name="Branch_3_1x1")] if w.pool_proj else []
+        return concat(c.towers(
+            x, train,
+            *tower_0,
+            [conv(d(w.c3r), 1, name="Branch_1_1x1"),
+             conv(d(w.c3), 3, strides=s, padding=same(3), name="Branch_1_3x3")],
+            [conv(d(w.cd3r), 1, name="Branch_2_1x1"),
+             conv(d(w.cd3), 3, padding=same(3), name="Branch_2_3x3a"),
+             conv(d(w.cd3), 3, strides=s, padding=same(3), name="Branch_2_3x3b")],
+            [pool, *project],
+        ))
 
 
 class BNInception(InceptionNet):
@@ -88,10 +89,10 @@ class BNInception(InceptionNet):
         c = self.common
         conv, d = c.conv, c.depth
         x = conv(d(64), 7, strides=2, padding=same(7), name="Conv2d_1_7x7")(x, train)
-        x = max_pool_ceil(x, 3, 2)
+        x = c.max_pool_ceil(3, 2)(x)
         x = conv(d(64), 1, name="Conv2d_2a_1x1")(x, train)
         x = conv(d(192), 3, padding=same(3), name="Conv2d_2b_3x3")(x, train)
-        x = max_pool_ceil(x, 3, 2)
+        x = c.max_pool_ceil(3, 2)(x)
         for name, widths in MODULES.items():
             x = InceptionBN(c, widths, name=name)(x, train)
         return x

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 
 from inception_flax.models.inception_v4 import ReductionA
 from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stem_3x3,
-    stem_pool_1x1_3x3)
+    AuxHead, Common, InceptionNet, concat, stem_3x3, stem_pool_1x1_3x3)
 
 ResidualScale = float | Sequence[float]
 
@@ -64,23 +63,21 @@ class ResidualBlock(nn.Module):
 
 
 class Block35(ResidualBlock):
-    """Inception-ResNet-A (v1 Fig. 10, v2 Fig. 16)."""
+    """Inception-ResNet-A (v1 Fig. 10, v2 Fig. 16): 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 -> 3x3."""
 
     widths: tuple[int, int, int, int] = (32, 32, 48, 64)  # v1: (32, 32, 32, 32)
 
     def branches(self, x: jax.Array, train: bool) -> list[jax.Array]:
-        conv, d = self.common.conv, self.common.depth
+        c = self.common
+        conv, d = c.conv, c.depth
         w0, w1, w2a, w2b = self.widths
-        b0, b1, b2 = self.common.branches(
+        return c.towers(
             x, train,
-            conv(d(w0), 1, name="Branch_0_1x1"),
-            conv(d(w0), 1, name="Branch_1_1x1"),
-            conv(d(w0), 1, name="Branch_2_1x1"),
+            [conv(d(w0), 1, name="Branch_0_1x1")],
+            [conv(d(w0), 1, name="Branch_1_1x1"), conv(d(w1), 3, name="Branch_1_3x3")],
+            [conv(d(w0), 1, name="Branch_2_1x1"), conv(d(w2a), 3, name="Branch_2_3x3a"),
+             conv(d(w2b), 3, name="Branch_2_3x3b")],
         )
-        b1 = conv(d(w1), 3, name="Branch_1_3x3")(b1, train)
-        b2 = conv(d(w2a), 3, name="Branch_2_3x3a")(b2, train)
-        b2 = conv(d(w2b), 3, name="Branch_2_3x3b")(b2, train)
-        return [b0, b1, b2]
 
 
 class Block17(ResidualBlock):
@@ -89,16 +86,15 @@ class Block17(ResidualBlock):
     widths: tuple[int, int, int, int] = (192, 128, 160, 192)  # v1: (128, 128, 128, 128)
 
     def branches(self, x: jax.Array, train: bool) -> list[jax.Array]:
-        conv, d = self.common.conv, self.common.depth
+        c = self.common
+        conv, d = c.conv, c.depth
         w0, w1a, w1b, w1c = self.widths
-        b0, b1 = self.common.branches(
+        return c.towers(
             x, train,
-            conv(d(w0), 1, name="Branch_0_1x1"),
-            conv(d(w1a), 1, name="Branch_1_1x1"),
+            [conv(d(w0), 1, name="Branch_0_1x1")],
+            [conv(d(w1a), 1, name="Branch_1_1x1"), conv(d(w1b), (1, 7), name="Branch_1_1x7"),
+             conv(d(w1c), (7, 1), name="Branch_1_7x1")],
         )
-        b1 = conv(d(w1b), (1, 7), name="Branch_1_1x7")(b1, train)
-        b1 = conv(d(w1c), (7, 1), name="Branch_1_7x1")(b1, train)
-        return [b0, b1]
 
 
 class Block8(ResidualBlock):
@@ -107,16 +103,15 @@ class Block8(ResidualBlock):
     widths: tuple[int, int, int, int] = (192, 192, 224, 256)  # v1: (192, 192, 192, 192)
 
     def branches(self, x: jax.Array, train: bool) -> list[jax.Array]:
-        conv, d = self.common.conv, self.common.depth
+        c = self.common
+        conv, d = c.conv, c.depth
         w0, w1a, w1b, w1c = self.widths
-        b0, b1 = self.common.branches(
+        return c.towers(
             x, train,
-            conv(d(w0), 1, name="Branch_0_1x1"),
-            conv(d(w1a), 1, name="Branch_1_1x1"),
+            [conv(d(w0), 1, name="Branch_0_1x1")],
+            [conv(d(w1a), 1, name="Branch_1_1x1"), conv(d(w1b), (1, 3), name="Branch_1_1x3"),
+             conv(d(w1c), (3, 1), name="Branch_1_3x1")],
         )
-        b1 = conv(d(w1b), (1, 3), name="Branch_1_1x3")(b1, train)
-        b1 = conv(d(w1c), (3, 1), name="Branch_1_3x1")(b1, train)
-        return [b0, b1]
 
 
 class ReductionB(nn.Module):
@@ -127,19 +122,19 @@ class ReductionB(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
+        c = self.common
+        conv, d = c.conv, c.depth
         w0, w1, w2a, w2b = self.widths
-        b0, b1, b2 = self.common.branches(
+        return concat(c.towers(
             x, train,
-            conv(d(256), 1, name="Branch_0_1x1"),
-            conv(d(256), 1, name="Branch_1_1x1"),
-            conv(d(256), 1, name="Branch_2_1x1"),
-        )
-        b0 = conv(d(w0), 3, strides=2, padding="VALID", name="Branch_0_3x3")(b0, train)
-        b1 = conv(d(w1), 3, strides=2, padding="VALID", name="Branch_1_3x3")(b1, train)
-        b2 = conv(d(w2a), 3, name="Branch_2_3x3a")(b2, train)
-        b2 = conv(d(w2b), 3, strides=2, padding="VALID", name="Branch_2_3x3b")(b2, train)
-        return concat([b0, b1, b2, max_pool(x, 3, 2)])
+            [conv(d(256), 1, name="Branch_0_1x1"),
+             conv(d(w0), 3, strides=2, padding="VALID", name="Branch_0_3x3")],
+            [conv(d(256), 1, name="Branch_1_1x1"),
+             conv(d(w1), 3, strides=2, padding="VALID", name="Branch_1_3x3")],
+            [conv(d(256), 1, name="Branch_2_1x1"), conv(d(w2a), 3, name="Branch_2_3x3a"),
+             conv(d(w2b), 3, strides=2, padding="VALID", name="Branch_2_3x3b")],
+            [c.max_pool(3, 2)],
+        ))
 
 
 class StemV1(nn.Module):
@@ -149,9 +144,9 @@ class StemV1(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        x = stem_pool_1x1_3x3(self.common, stem_3x3(self.common, x, train), train)
-        return conv(d(256), 3, strides=2, padding="VALID", name="Conv2d_4b_3x3")(x, train)
+        c = self.common
+        x = stem_pool_1x1_3x3(c, stem_3x3(c, x, train), train)
+        return c.conv(c.depth(256), 3, strides=2, padding="VALID", name="Conv2d_4b_3x3")(x, train)
 
 
 class StemV2(nn.Module):
@@ -161,20 +156,19 @@ class StemV2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        x = stem_pool_1x1_3x3(self.common, stem_3x3(self.common, x, train), train)
-        x = max_pool(x, 3, 2)
-        b0, b1, b2 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        x = c.max_pool(3, 2)(stem_pool_1x1_3x3(c, stem_3x3(c, x, train), train))
+        return concat(c.towers(
             x, train,
-            conv(d(96), 1, name="Mixed_5b_Branch_0_1x1"),
-            conv(d(48), 1, name="Mixed_5b_Branch_1_1x1"),
-            conv(d(64), 1, name="Mixed_5b_Branch_2_1x1"),
-        )
-        b1 = conv(d(64), 5, name="Mixed_5b_Branch_1_5x5")(b1, train)
-        b2 = conv(d(96), 3, name="Mixed_5b_Branch_2_3x3a")(b2, train)
-        b2 = conv(d(96), 3, name="Mixed_5b_Branch_2_3x3b")(b2, train)
-        b3 = conv(d(64), 1, name="Mixed_5b_Branch_3_1x1")(avg_pool(x, 3), train)
-        return concat([b0, b1, b2, b3])
+            [conv(d(96), 1, name="Mixed_5b_Branch_0_1x1")],
+            [conv(d(48), 1, name="Mixed_5b_Branch_1_1x1"),
+             conv(d(64), 5, name="Mixed_5b_Branch_1_5x5")],
+            [conv(d(64), 1, name="Mixed_5b_Branch_2_1x1"),
+             conv(d(96), 3, name="Mixed_5b_Branch_2_3x3a"),
+             conv(d(96), 3, name="Mixed_5b_Branch_2_3x3b")],
+            [c.avg_pool(3), conv(d(64), 1, name="Mixed_5b_Branch_3_1x1")],
+        ))
 
 
 class InceptionResNetV2(InceptionNet):

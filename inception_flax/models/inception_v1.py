@@ -18,8 +18,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from inception_flax.models.layers import (
-    Common, InceptionNet, adaptive_avg_pool, avg_pool, concat, max_pool_ceil)
+from inception_flax.models.layers import Common, InceptionNet, adaptive_avg_pool, concat
 
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) per module, paper Table 1.
 MODULES = {
@@ -52,20 +51,19 @@ class InceptionModule(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
+        c = self.common
+        conv, d = c.conv, c.depth
         c1, c3r, c3, c5r, c5, cp = self.widths
         k = self.wide_kernel
-        b0, b1, b2 = self.common.branches(
+        return concat(c.towers(
             x, train,
-            conv(d(c1), 1, name="Branch_0_1x1"),
-            conv(d(c3r), 1, name="Branch_1_1x1"),
-            conv(d(c5r), 1, name="Branch_2_1x1"),
-        )
-        b1 = conv(d(c3), 3, padding=same(3), name="Branch_1_3x3")(b1, train)
-        b2 = conv(d(c5), k, padding=same(k), name=f"Branch_2_{k}x{k}")(b2, train)
-        b3 = max_pool_ceil(x, 3, 1, pad=1)
-        b3 = conv(d(cp), 1, name="Branch_3_1x1")(b3, train)
-        return concat([b0, b1, b2, b3])
+            [conv(d(c1), 1, name="Branch_0_1x1")],
+            [conv(d(c3r), 1, name="Branch_1_1x1"),
+             conv(d(c3), 3, padding=same(3), name="Branch_1_3x3")],
+            [conv(d(c5r), 1, name="Branch_2_1x1"),
+             conv(d(c5), k, padding=same(k), name=f"Branch_2_{k}x{k}")],
+            [c.max_pool_ceil(3, 1, pad=1), conv(d(cp), 1, name="Branch_3_1x1")],
+        ))
 
 
 class AuxHeadV1(nn.Module):
@@ -85,7 +83,7 @@ class AuxHeadV1(nn.Module):
         if self.adaptive or min(x.shape[1], x.shape[2]) < 14:
             x = adaptive_avg_pool(x, 4)
         else:
-            x = avg_pool(x, 5, 3, padding="VALID")
+            x = c.avg_pool(5, 3, padding="VALID")(x)
         x = c.conv(c.depth(128), 1, name="Conv2d_1x1")(x, train)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(c.dense(1024, name="Fc1")(x))
@@ -116,13 +114,13 @@ class GoogLeNet(InceptionNet):
                 self.sow_aux(head(x, train))
 
         x = conv(d(64), 7, strides=2, padding=same(7), name="Conv2d_1_7x7")(x, train)
-        x = max_pool_ceil(x, 3, 2)
+        x = c.max_pool_ceil(3, 2)(x)
         x = conv(d(64), 1, name="Conv2d_2a_1x1")(x, train)
         x = conv(d(192), 3, padding=same(3), name="Conv2d_2b_3x3")(x, train)
-        x = max_pool_ceil(x, 3, 2)
+        x = c.max_pool_ceil(3, 2)(x)
         for name, widths in MODULES.items():
             if name in POOL_BEFORE:
-                x = max_pool_ceil(x, *POOL_BEFORE[name])
+                x = c.max_pool_ceil(*POOL_BEFORE[name])(x)
             x = InceptionModule(c, widths, wide, name=name)(x, train)
             if name in AUX_AFTER:
                 aux(x, AUX_AFTER[name])

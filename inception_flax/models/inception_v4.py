@@ -12,8 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, avg_pool, concat, max_pool, stem_3x3)
+from inception_flax.models.layers import AuxHead, Common, InceptionNet, concat, fork, stem_3x3
 
 
 class Stem(nn.Module):
@@ -23,26 +22,28 @@ class Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        x = stem_3x3(self.common, x, train)
-        x = concat([
-            max_pool(x, 3, 2),
-            conv(d(96), 3, strides=2, padding="VALID", name="Mixed_3a_3x3")(x, train),
-        ])
-        b0, b1 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        x = stem_3x3(c, x, train)
+        x = concat(c.towers(
             x, train,
-            conv(d(64), 1, name="Mixed_4a_Branch_0_1x1"),
-            conv(d(64), 1, name="Mixed_4a_Branch_1_1x1"),
-        )
-        b0 = conv(d(96), 3, padding="VALID", name="Mixed_4a_Branch_0_3x3")(b0, train)
-        b1 = conv(d(64), (1, 7), name="Mixed_4a_Branch_1_1x7")(b1, train)
-        b1 = conv(d(64), (7, 1), name="Mixed_4a_Branch_1_7x1")(b1, train)
-        b1 = conv(d(96), 3, padding="VALID", name="Mixed_4a_Branch_1_3x3")(b1, train)
-        x = concat([b0, b1])
-        return concat([
-            conv(d(192), 3, strides=2, padding="VALID", name="Mixed_5a_3x3")(x, train),
-            max_pool(x, 3, 2),
-        ])
+            [c.max_pool(3, 2)],
+            [conv(d(96), 3, strides=2, padding="VALID", name="Mixed_3a_3x3")],
+        ))
+        x = concat(c.towers(
+            x, train,
+            [conv(d(64), 1, name="Mixed_4a_Branch_0_1x1"),
+             conv(d(96), 3, padding="VALID", name="Mixed_4a_Branch_0_3x3")],
+            [conv(d(64), 1, name="Mixed_4a_Branch_1_1x1"),
+             conv(d(64), (1, 7), name="Mixed_4a_Branch_1_1x7"),
+             conv(d(64), (7, 1), name="Mixed_4a_Branch_1_7x1"),
+             conv(d(96), 3, padding="VALID", name="Mixed_4a_Branch_1_3x3")],
+        ))
+        return concat(c.towers(
+            x, train,
+            [conv(d(192), 3, strides=2, padding="VALID", name="Mixed_5a_3x3")],
+            [c.max_pool(3, 2)],
+        ))
 
 
 class InceptionA(nn.Module):
@@ -52,18 +53,16 @@ class InceptionA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
-        conv, d = self.common.conv, self.common.depth
-        b0, b1, b2 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
             x, train,
-            conv(d(96), 1, name="Branch_0_1x1"),
-            conv(d(64), 1, name="Branch_1_1x1"),
-            conv(d(64), 1, name="Branch_2_1x1"),
-        )
-        b1 = conv(d(96), 3, name="Branch_1_3x3")(b1, train)
-        b2 = conv(d(96), 3, name="Branch_2_3x3a")(b2, train)
-        b2 = conv(d(96), 3, name="Branch_2_3x3b")(b2, train)
-        b3 = conv(d(96), 1, name="Branch_3_1x1")(avg_pool(x, 3), train)
-        return concat([b0, b1, b2, b3]), None
+            [conv(d(96), 1, name="Branch_0_1x1")],
+            [conv(d(64), 1, name="Branch_1_1x1"), conv(d(96), 3, name="Branch_1_3x3")],
+            [conv(d(64), 1, name="Branch_2_1x1"), conv(d(96), 3, name="Branch_2_3x3a"),
+             conv(d(96), 3, name="Branch_2_3x3b")],
+            [c.avg_pool(3), conv(d(96), 1, name="Branch_3_1x1")],
+        )), None
 
 
 class ReductionA(nn.Module):
@@ -80,12 +79,15 @@ class ReductionA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        b0 = conv(d(self.n), 3, strides=2, padding="VALID", name="Branch_0_3x3")(x, train)
-        b1 = conv(d(self.k), 1, name="Branch_1_1x1")(x, train)
-        b1 = conv(d(self.l), 3, name="Branch_1_3x3a")(b1, train)
-        b1 = conv(d(self.m), 3, strides=2, padding="VALID", name="Branch_1_3x3b")(b1, train)
-        return concat([b0, b1, max_pool(x, 3, 2)])
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
+            x, train,
+            [conv(d(self.n), 3, strides=2, padding="VALID", name="Branch_0_3x3")],
+            [conv(d(self.k), 1, name="Branch_1_1x1"), conv(d(self.l), 3, name="Branch_1_3x3a"),
+             conv(d(self.m), 3, strides=2, padding="VALID", name="Branch_1_3x3b")],
+            [c.max_pool(3, 2)],
+        ))
 
 
 class InceptionB(nn.Module):
@@ -95,21 +97,19 @@ class InceptionB(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
-        conv, d = self.common.conv, self.common.depth
-        b0, b1, b2 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
             x, train,
-            conv(d(384), 1, name="Branch_0_1x1"),
-            conv(d(192), 1, name="Branch_1_1x1"),
-            conv(d(192), 1, name="Branch_2_1x1"),
-        )
-        b1 = conv(d(224), (1, 7), name="Branch_1_1x7")(b1, train)
-        b1 = conv(d(256), (7, 1), name="Branch_1_7x1")(b1, train)
-        b2 = conv(d(192), (7, 1), name="Branch_2_7x1a")(b2, train)
-        b2 = conv(d(224), (1, 7), name="Branch_2_1x7a")(b2, train)
-        b2 = conv(d(224), (7, 1), name="Branch_2_7x1b")(b2, train)
-        b2 = conv(d(256), (1, 7), name="Branch_2_1x7b")(b2, train)
-        b3 = conv(d(128), 1, name="Branch_3_1x1")(avg_pool(x, 3), train)
-        return concat([b0, b1, b2, b3]), None
+            [conv(d(384), 1, name="Branch_0_1x1")],
+            [conv(d(192), 1, name="Branch_1_1x1"), conv(d(224), (1, 7), name="Branch_1_1x7"),
+             conv(d(256), (7, 1), name="Branch_1_7x1")],
+            [conv(d(192), 1, name="Branch_2_1x1"), conv(d(192), (7, 1), name="Branch_2_7x1a"),
+             conv(d(224), (1, 7), name="Branch_2_1x7a"),
+             conv(d(224), (7, 1), name="Branch_2_7x1b"),
+             conv(d(256), (1, 7), name="Branch_2_1x7b")],
+            [c.avg_pool(3), conv(d(128), 1, name="Branch_3_1x1")],
+        )), None
 
 
 class ReductionB(nn.Module):
@@ -119,17 +119,17 @@ class ReductionB(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, d = self.common.conv, self.common.depth
-        b0, b1 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
             x, train,
-            conv(d(192), 1, name="Branch_0_1x1"),
-            conv(d(256), 1, name="Branch_1_1x1"),
-        )
-        b0 = conv(d(192), 3, strides=2, padding="VALID", name="Branch_0_3x3")(b0, train)
-        b1 = conv(d(256), (1, 7), name="Branch_1_1x7")(b1, train)
-        b1 = conv(d(320), (7, 1), name="Branch_1_7x1")(b1, train)
-        b1 = conv(d(320), 3, strides=2, padding="VALID", name="Branch_1_3x3")(b1, train)
-        return concat([b0, b1, max_pool(x, 3, 2)])
+            [conv(d(192), 1, name="Branch_0_1x1"),
+             conv(d(192), 3, strides=2, padding="VALID", name="Branch_0_3x3")],
+            [conv(d(256), 1, name="Branch_1_1x1"), conv(d(256), (1, 7), name="Branch_1_1x7"),
+             conv(d(320), (7, 1), name="Branch_1_7x1"),
+             conv(d(320), 3, strides=2, padding="VALID", name="Branch_1_3x3")],
+            [c.max_pool(3, 2)],
+        ))
 
 
 class InceptionC(nn.Module):
@@ -139,25 +139,20 @@ class InceptionC(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
-        conv, d = self.common.conv, self.common.depth
-        b0, b1, b2 = self.common.branches(
+        c = self.common
+        conv, d = c.conv, c.depth
+        return concat(c.towers(
             x, train,
-            conv(d(256), 1, name="Branch_0_1x1"),
-            conv(d(384), 1, name="Branch_1_1x1"),
-            conv(d(384), 1, name="Branch_2_1x1"),
-        )
-        b1 = concat([
-            conv(d(256), (1, 3), name="Branch_1_1x3")(b1, train),
-            conv(d(256), (3, 1), name="Branch_1_3x1")(b1, train),
-        ])
-        b2 = conv(d(448), (3, 1), name="Branch_2_3x1a")(b2, train)
-        b2 = conv(d(512), (1, 3), name="Branch_2_1x3a")(b2, train)
-        b2 = concat([
-            conv(d(256), (1, 3), name="Branch_2_1x3b")(b2, train),
-            conv(d(256), (3, 1), name="Branch_2_3x1b")(b2, train),
-        ])
-        b3 = conv(d(256), 1, name="Branch_3_1x1")(avg_pool(x, 3), train)
-        return concat([b0, b1, b2, b3]), None
+            [conv(d(256), 1, name="Branch_0_1x1")],
+            [conv(d(384), 1, name="Branch_1_1x1"),
+             fork(conv(d(256), (1, 3), name="Branch_1_1x3"),
+                  conv(d(256), (3, 1), name="Branch_1_3x1"))],
+            [conv(d(384), 1, name="Branch_2_1x1"), conv(d(448), (3, 1), name="Branch_2_3x1a"),
+             conv(d(512), (1, 3), name="Branch_2_1x3a"),
+             fork(conv(d(256), (1, 3), name="Branch_2_1x3b"),
+                  conv(d(256), (3, 1), name="Branch_2_3x1b"))],
+            [c.avg_pool(3), conv(d(256), 1, name="Branch_3_1x1")],
+        )), None
 
 
 class InceptionV4(InceptionNet):
