@@ -20,7 +20,8 @@ position of the example in the stream), so with `deterministic=True` a seed
 fixes the exact batches, and a restored iterator (see
 `create_checkpointable_iterator`) continues with the same batches.
 
-Importing this module hides GPUs from TensorFlow (see `inception_flax.data`).
+TensorFlow only feeds JAX: the first use of a dataset (`get_builder`) hides the
+GPUs from it (`hide_accelerators_from_tf`), leaving them to JAX.
 """
 
 import dataclasses
@@ -28,15 +29,16 @@ import math
 from collections.abc import Callable
 from typing import Optional
 
+from absl import logging
 from clu import data as clu_data
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# Hides GPUs from TensorFlow and registers `inception_digits`.
-from inception_flax import data as _data  # pylint: disable=unused-import
+# Defining the builder registers `inception_digits` with TFDS.
+from inception_flax.data import digits as _digits  # pylint: disable=unused-import
 
-FOLDER_PREFIX = 'folder:'
+FOLDER_PREFIX = "folder:"
 
 # Examples are preprocessed in groups of this size inside the error guard
 # (see `_guard`), which amortises its per-group cost.
@@ -95,6 +97,25 @@ class SkipCounter:
             return tf.identity(valid)
 
 
+_accelerators_hidden = False
+
+
+def hide_accelerators_from_tf() -> None:
+    """Makes TensorFlow run on CPU only, leaving GPUs to JAX (once per process).
+
+    If TensorFlow's runtime was already initialised with visible GPUs, the
+    setting cannot change anymore and a warning is logged instead of raising.
+    """
+    global _accelerators_hidden
+    if _accelerators_hidden:
+        return
+    _accelerators_hidden = True
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as error:
+        logging.warning("Could not hide GPUs from TensorFlow: %s", error)
+
+
 def get_builder(dataset_name: str,
                 data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
     """Returns the TFDS builder for a dataset name or a `folder:` root.
@@ -103,6 +124,7 @@ def get_builder(dataset_name: str,
         dataset_name: A TFDS name (e.g. `imagenet2012`) or `folder:<root>`.
         data_dir: TFDS data directory; ignored for folders.
     """
+    hide_accelerators_from_tf()
     if dataset_name.startswith(FOLDER_PREFIX):
         root = dataset_name[len(FOLDER_PREFIX):]
         return tfds.folder_dataset.ImageFolder(root)
@@ -144,7 +166,7 @@ def num_classes(dataset_name: str,
                 data_dir: Optional[str] = None) -> Optional[int]:
     """Returns the number of classes of the `label` feature, if known."""
     features = get_builder(dataset_name, data_dir).info.features
-    return features['label'].num_classes or None
+    return features["label"].num_classes or None
 
 
 def eval_num_batches(num_eval_examples: int, batch_size: int,
@@ -256,8 +278,8 @@ def _check_num_batches(dataset_name: str, split: str, data_dir: Optional[str],
         return
     needed = eval_num_batches(total, batch_size, process_count)
     if pad_to_num_batches < needed:
-        raise ValueError(f'pad_to_num_batches={pad_to_num_batches} is less '
-                         f'than the {needed} batches needed for {split}.')
+        raise ValueError(f"pad_to_num_batches={pad_to_num_batches} is less "
+                         f"than the {needed} batches needed for {split}.")
 
 
 def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
@@ -265,8 +287,8 @@ def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
                 process_count: int) -> tf.data.Dataset:
     """Reads this process' shard as {'image': encoded or uint8, 'label'}."""
     decoders = None
-    if isinstance(builder.info.features['image'], tfds.features.Image):
-        decoders = {'image': tfds.decode.SkipDecoding()}
+    if isinstance(builder.info.features["image"], tfds.features.Image):
+        decoders = {"image": tfds.decode.SkipDecoding()}
     if isinstance(builder, tfds.folder_dataset.ImageFolder):
         # ImageFolder supports neither sub-splits nor seeded file shuffling.
         ds = builder.as_dataset(split=split, decoders=decoders)
@@ -278,8 +300,8 @@ def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
                                 decoders=decoders,
                                 read_config=tfds.ReadConfig(shuffle_seed=seed))
     return ds.map(lambda ex: {
-        'image': ex['image'],
-        'label': tf.cast(ex['label'], tf.int32),
+        "image": ex["image"],
+        "label": tf.cast(ex["label"], tf.int32),
     })
 
 
@@ -324,13 +346,13 @@ def _make_preprocess_fn(
         else:
             window_fn = lambda shape: _central_window(
                 shape, preprocessing.central_fraction)
-        image = _decode_and_crop(example['image'], window_fn)
+        image = _decode_and_crop(example["image"], window_fn)
         image = tf.image.resize(image, [image_size, image_size],
-                                method='bilinear')
+                                method="bilinear")
         if train and preprocessing.random_flip:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         image = tf.ensure_shape(image, [image_size, image_size, 3])
-        return {'image': image / 127.5 - 1.0, 'label': example['label']}
+        return {"image": image / 127.5 - 1.0, "label": example["label"]}
 
     return preprocess
 
@@ -361,8 +383,8 @@ def _guard(
 def _placeholder(image_size: int) -> dict[str, tf.Tensor]:
     """Returns a dummy preprocessed example standing in for a failed one."""
     return {
-        'image': tf.zeros([image_size, image_size, 3], tf.float32),
-        'label': tf.constant(0, tf.int32),
+        "image": tf.zeros([image_size, image_size, 3], tf.float32),
+        "label": tf.constant(0, tf.int32),
     }
 
 
@@ -444,7 +466,7 @@ def _random_window(shape: tf.Tensor, seed: tf.Tensor,
 def _add_mask(batch: dict[str, tf.Tensor],
               batch_size: int) -> dict[str, tf.Tensor]:
     """Pads a (possibly partial) batch to `batch_size` and adds `mask`."""
-    real = tf.shape(batch['label'])[0]
+    real = tf.shape(batch["label"])[0]
     batch = dict(batch, mask=tf.ones([real], tf.float32))
     return {k: _pad_leading(v, batch_size) for k, v in batch.items()}
 
