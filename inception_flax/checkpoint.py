@@ -29,11 +29,11 @@ import orbax.checkpoint as ocp
 
 
 class RunMismatchError(ValueError):
-    pass
+    """The workdir holds another run (`run.json` differs): resuming would mix the two."""
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """No checkpoint of the workdir can be restored: the run will not start over on it."""
 
 
 def check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
