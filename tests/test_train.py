@@ -188,3 +188,16 @@ def test_the_step_averages_the_devices_gradients():
     assert jax.device_count() == 2
     assert float(loss) == pytest.approx(float(jnp.mean((1.5 * x) ** 2)))
     assert float(grad) == pytest.approx(float(jnp.mean(2 * 1.5 * x ** 2)))  # 52.5, not 105
+
+
+def test_setup_of_synthetic_data_reads_no_dataset():
+    """The benchmark's setup: its own class count, no dataset read, an initial state."""
+    config = runs.config(2, 2, **{"dataset.name": "no_such_dataset", "num_train_steps": -1})
+    s = setup_lib.setup(config, num_classes=7)
+    assert s.info is None and s.num_classes == 7
+    assert (s.steps_per_epoch, s.num_steps) == (
+        setup_lib.SYNTHETIC_STEPS_PER_EPOCH, int(config.num_epochs * s.steps_per_epoch))
+    assert s.state.params["Logits"]["kernel"].shape[-1] == 7
+    assert int(s.state.step) == 0 and s.mesh.devices.size == jax.device_count()
+    with pytest.raises(checks.ConfigError, match="dataset.name='no_such_dataset' cannot be read"):
+        setup_lib.setup(config)
