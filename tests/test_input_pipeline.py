@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from inception_flax.data import pipeline
+from inception_flax.data import pipeline, preprocess
 
 DIGITS = "inception_digits"
 IMAGE_SIZE = 24
@@ -102,7 +102,7 @@ def test_train_is_deterministic_for_a_seed(data_dir: str):
 
 def test_train_without_flip_and_crop_matches_eval(data_dir: str):
     """Full-image crops (via the fallback) and no flip: train equals eval."""
-    full_crop = pipeline.Preprocessing(
+    full_crop = preprocess.Preprocessing(
         area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0),
         random_flip=False, central_fraction=1.0)
     kwargs = dict(preprocessing=full_crop, batch_size=360)
@@ -216,8 +216,7 @@ def test_folder_dataset_train_and_shards(tmp_path: pathlib.Path):
 def test_decoded_grey_image_becomes_rgb():
     grey = tf.constant(np.arange(20, dtype=np.uint8).reshape(4, 5, 1))
     window_fn = lambda shape: tf.concat([[0, 0], shape], 0)
-    # pylint: disable-next=protected-access
-    rgb = pipeline._decode_and_crop(grey, window_fn)
+    rgb = preprocess.decode_and_crop(grey, window_fn)
     assert rgb.shape == (4, 5, 3)
     np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
 

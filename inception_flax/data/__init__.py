@@ -2,6 +2,7 @@
 
 - `pipeline`: the tf.data input pipeline (TFDS datasets or image folders, Inception
   preprocessing, checkpointable iterators).
+- `preprocess`: the Inception preprocessing of one image (decode, crop, resize, flip).
 - `sharding`: each process's slice of the global batch, read from the pipeline and
   assembled into arrays sharded over the devices of every process.
 - `info`: a dataset's classes and split sizes, checked against the config.

@@ -21,7 +21,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from inception_flax.data import info as info_lib
-    from inception_flax.data import pipeline
+    from inception_flax.data import pipeline, preprocess
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -30,11 +30,11 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
             for k, v in batch.items()}
 
 
-def preprocessing(config: ml_collections.ConfigDict) -> pipeline.Preprocessing:
+def preprocessing(config: ml_collections.ConfigDict) -> preprocess.Preprocessing:
     """The pipeline's crop and flip options from `config.dataset`."""
-    from inception_flax.data import pipeline
+    from inception_flax.data import preprocess
     d = config.dataset
-    return pipeline.Preprocessing(
+    return preprocess.Preprocessing(
         area_range=tuple(d.area_range), aspect_ratio_range=tuple(d.aspect_ratio_range),
         random_flip=d.random_flip, central_fraction=d.central_fraction)
 
