@@ -30,11 +30,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     distributed.initialize()
-    from inception_flax import trainer
+    from inception_flax.training import checks, evaluate  # after jax.distributed.initialize
 
     try:
-        result = trainer.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-    except (trainer.ConfigError, FileNotFoundError) as e:
+        result = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    except (checks.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({k: round(v, 6) for k, v in result.items()}))

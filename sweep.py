@@ -83,13 +83,14 @@ def target_steps(config) -> int | None:
     """The run's num_train_steps, as the trainer derives it; None when unknown here."""
     if config.num_train_steps > 0:
         return config.num_train_steps
-    from inception_flax import input_pipeline, trainer
+    from inception_flax.data import info, pipeline
+    from inception_flax.training import checks
     try:
         examples = None
         if config.steps_per_epoch <= 0:
             d = config.dataset
-            examples = input_pipeline.num_examples(d.name, d.train_split, d.data_dir)
-        return trainer.durations(config, trainer.DataInfo(0, examples, None))[1]
+            examples = pipeline.num_examples(d.name, d.train_split, d.data_dir)
+        return checks.durations(config, info.DataInfo(0, examples, None))[1]
     except Exception:  # noqa: BLE001 - unknown: train.py decides
         return None
 
@@ -146,11 +147,11 @@ def main(argv):
         fail(f"sweep {FLAGS.sweep!r}: {e}")
     configs = [sweep_lib.apply(FLAGS.config, r) for r in runs]
     if not FLAGS["results-only"].value:
-        from inception_flax import trainer  # every run's config passes the trainer's checks
+        from inception_flax.training import checks  # every run's config: the trainer's checks
         for run, config in zip(runs, configs):
             try:
-                trainer.check_config(config)
-            except trainer.ConfigError as e:
+                checks.check_config(config)
+            except checks.ConfigError as e:
                 fail(f"run {run.name}: {e}")
 
     workdir = FLAGS.workdir

@@ -29,16 +29,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     distributed.initialize()
-    from inception_flax import trainer  # after jax.distributed.initialize
+    # imported after jax.distributed.initialize
+    from inception_flax import checkpoint
+    from inception_flax.training import checks, loop
 
     try:
-        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (trainer.ConfigError, trainer.ckpt_lib.RunMismatchError,
-            trainer.ckpt_lib.CheckpointError) as e:
+        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (checks.ConfigError, checkpoint.RunMismatchError, checkpoint.CheckpointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except trainer.NonFiniteError as e:
+    except checks.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 

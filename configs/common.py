@@ -31,6 +31,10 @@ def base_config(model_name: str, image_size: int) -> ml_collections.ConfigDict:
     c.model.scan_unroll = 1  # repeated blocks per loop iteration; >= their count: no loop
     c.model.dtype = "float32"  # compute: float32 | bfloat16 (params stay float32) | float64
     # (float64 params too, with JAX_ENABLE_X64=1: for numerical checks)
+    # Which forms of convolution, BatchNorm and pools the model runs: auto | native |
+    # xla_cpu | plain. auto: native on a CPU where they build (else xla_cpu), plain on
+    # GPU / TPU. Not part of a run's identity: a run may resume with another choice.
+    c.kernels = "auto"
 
     # ---- Data (TFDS name, or folder:/path with root/<split>/<label>/*.jpg). ----
     c.dataset = ml_collections.ConfigDict()

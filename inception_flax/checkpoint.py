@@ -29,11 +29,11 @@ import orbax.checkpoint as ocp
 
 
 class RunMismatchError(ValueError):
-    pass
+    """The workdir holds another run (`run.json` differs): resuming would mix the two."""
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """No checkpoint of the workdir can be restored: the run will not start over on it."""
 
 
 def check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
@@ -194,30 +194,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
-
-def restore_variables(path: str) -> dict[str, Any]:
-    """`params` / `batch_stats` (numpy) from converted weights or a run's workdir.
-
-    A converted directory holds `model.json` and `variables/`; a workdir holds
-    `checkpoints/`, whose newest readable step is used (its moving average of the
-    parameters when the run kept one).
-    """
-    if os.path.exists(os.path.join(path, "model.json")):
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(os.path.abspath(os.path.join(path, "variables")))
-    ckpt_dir = os.path.join(path, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(
-            f"init_from={path} is neither converted weights (model.json) nor a run's workdir "
-            "(checkpoints/)")
-    with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                state = manager.restore(step, args=ocp.args.StandardRestore())
-                break
-            except Exception as e:  # noqa: BLE001
-                logging.warning("checkpoint %d in %s is unreadable (%s)", step, path, e)
-        else:
-            raise FileNotFoundError(f"init_from={path}: no readable checkpoint")
-    params = state.get("ema_params") or state["params"]
-    return {"params": params, "batch_stats": state["batch_stats"]}

@@ -28,6 +28,6 @@ def pytest_configure(config):
     """Prepare the embedded digits dataset once, before any xdist worker starts."""
     del config
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        from inception_flax import input_pipeline
+        from inception_flax.data import pipeline
 
-        input_pipeline.prepare_dataset("inception_digits", os.environ["TFDS_DATA_DIR"])
+        pipeline.prepare_dataset("inception_digits", os.environ["TFDS_DATA_DIR"])

@@ -33,7 +33,7 @@ def flags(steps: int, every: int, **overrides: Any) -> list[str]:
 
 
 def config(steps: int, every: int, network: str = "inception_resnet_v2", **overrides: Any):
-    """The same run as `command`, as a config for `trainer.train_and_evaluate`."""
+    """The same run as `command`, as a config for `training.loop.train_and_evaluate`."""
     import importlib
 
     c = importlib.import_module(f"configs.{network}").get_config("digits")

@@ -8,12 +8,12 @@ from sklearn import datasets as sk_datasets
 from inception_flax.data import digits
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def builder(
         tmp_path_factory: pytest.TempPathFactory) -> tfds.core.DatasetBuilder:
     """Prepares the dataset offline into a temporary data_dir."""
-    data_dir = tmp_path_factory.mktemp('tfds')
-    builder = tfds.builder('inception_digits', data_dir=str(data_dir))
+    data_dir = tmp_path_factory.mktemp("tfds")
+    builder = tfds.builder("inception_digits", data_dir=str(data_dir))
     builder.download_and_prepare()
     return builder
 
@@ -28,7 +28,7 @@ def _expected_examples(test: bool) -> list[tuple[int, bytes]]:
 
 
 def test_registered_under_name():
-    assert tfds.builder_cls('inception_digits') is digits.InceptionDigits
+    assert tfds.builder_cls("inception_digits") is digits.InceptionDigits
 
 
 def test_to_rgb_uint8_scales_and_upsamples():
@@ -44,20 +44,20 @@ def test_to_rgb_uint8_scales_and_upsamples():
 
 def test_split_sizes_from_info(builder: tfds.core.DatasetBuilder):
     splits = builder.info.splits
-    assert splits['train'].num_examples == 1437
-    assert splits['test'].num_examples == 360
-    assert builder.info.features['label'].num_classes == 10
-    assert builder.info.version == '1.0.0'
+    assert splits["train"].num_examples == 1437
+    assert splits["test"].num_examples == 360
+    assert builder.info.features["label"].num_classes == 10
+    assert builder.info.version == "1.0.0"
 
 
-@pytest.mark.parametrize('split', ['train', 'test'])
+@pytest.mark.parametrize("split", ["train", "test"])
 def test_examples_match_sklearn(builder: tfds.core.DatasetBuilder, split: str):
     examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
-    images = np.stack([ex['image'] for ex in examples])
-    labels = np.array([ex['label'] for ex in examples])
+    images = np.stack([ex["image"] for ex in examples])
+    labels = np.array([ex["label"] for ex in examples])
     assert images.shape == (len(examples), 32, 32, 3)
     assert images.dtype == np.uint8
     assert set(labels.tolist()) == set(range(10))
-    actual = sorted((int(ex['label']), ex['image'].tobytes())
+    actual = sorted((int(ex["label"]), ex["image"].tobytes())
                     for ex in examples)
-    assert actual == _expected_examples(test=split == 'test')
+    assert actual == _expected_examples(test=split == "test")

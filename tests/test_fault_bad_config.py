@@ -9,7 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from inception_flax import models, onednn, trainer
+from inception_flax import models, onednn
+from inception_flax.training import checks, loop
 from tests import runs
 
 
@@ -45,8 +46,8 @@ def no_compile():
 
 
 def fails_before_compile(config, workdir, message):
-    with no_compile(), pytest.raises(trainer.ConfigError, match=message) as err:
-        trainer.train_and_evaluate(config, str(workdir))
+    with no_compile(), pytest.raises(checks.ConfigError, match=message) as err:
+        loop.train_and_evaluate(config, str(workdir))
     assert "\n" not in str(err.value)
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
     return str(err.value)
@@ -64,28 +65,20 @@ def fails_before_compile(config, workdir, message):
     ("nonfinite", "ignore", "nonfinite must be one of stop, skip"),
     ("model.dtype", "float16", "model.dtype must be float32, bfloat16 or float64"),
     ("model.dtype", "float64", "model.dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1"),
+    ("kernels", "cuda", "kernels='cuda' is not a kernel choice: .*auto, native, xla_cpu, plain"),
 ])
 def test_bad_field_is_one_line_before_any_compile(tmp_path, field, value, message):
     config = runs.config(2, 2, **{field: value})
     fails_before_compile(config, tmp_path / "run", message)
 
 
-def test_unknown_kernel_choice_is_one_line_before_any_compile(tmp_path, monkeypatch):
-    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "cuda")
-    fails_before_compile(
-        runs.config(2, 2), tmp_path / "run",
-        "INCEPTION_FLAX_KERNELS='cuda' is not a kernel choice: .* auto, onednn, cpu, xla")
-
-
-def test_onednn_that_cannot_be_built_is_one_line_before_any_compile(tmp_path, monkeypatch):
+def test_native_kernels_that_cannot_be_built_are_one_line_before_any_compile(tmp_path, monkeypatch):
     monkeypatch.setattr(onednn, "_state", {})  # as in a fresh process
     monkeypatch.setenv("INCEPTION_FLAX_CACHE", str(tmp_path / "native"))
     monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "onednn")
-    fails_before_compile(runs.config(2, 2), tmp_path / "run",
-                         r"INCEPTION_FLAX_KERNELS=onednn: no C\+\+ compiler 'no-such-compiler' "
-                         r"on PATH: install g\+\+, or name one in CXX \(or set "
-                         r"INCEPTION_FLAX_KERNELS=cpu\)")
+    fails_before_compile(runs.config(2, 2, kernels="native"), tmp_path / "run",
+                         r"kernels=native: no C\+\+ compiler 'no-such-compiler' on PATH: "
+                         r"install g\+\+, or name one in CXX")
 
 
 def test_init_from_weights_of_another_shape_is_refused_before_any_compile(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from inception_flax import checkpoint as ckpt_lib
-from inception_flax import trainer
+from inception_flax.training import loop
 from tests import runs
 
 
@@ -22,7 +22,7 @@ from tests import runs
 def four_steps(tmp_path_factory):
     """A run of 4 steps with checkpoints at steps 2 and 4."""
     workdir = str(tmp_path_factory.mktemp("corrupt") / "base")
-    trainer.train_and_evaluate(runs.config(4, 2), workdir)
+    loop.train_and_evaluate(runs.config(4, 2), workdir)
     assert runs.checkpoint_steps(workdir) == [2, 4]
     return workdir
 
@@ -50,7 +50,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(four_steps, tmp_pa
     shutil.copytree(four_steps, workdir)
     damage(workdir, 4, how)
     with caplog.at_level(logging.INFO):
-        trainer.train_and_evaluate(runs.config(6, 2), workdir)
+        loop.train_and_evaluate(runs.config(6, 2), workdir)
     assert "checkpoint 4 is unreadable or corrupt" in caplog.text
     assert "resumed from step 2" in caplog.text
     assert runs.checkpoint_steps(workdir) == [2, 4, 6]  # 4 written again by the resumed run
@@ -69,5 +69,5 @@ def test_every_checkpoint_damaged_refuses_to_start_over(four_steps, tmp_path):
     damage(workdir, 2, "corrupted")
     damage(workdir, 4, "corrupted")
     with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint in .* can be restored"):
-        trainer.train_and_evaluate(runs.config(6, 2), workdir)
+        loop.train_and_evaluate(runs.config(6, 2), workdir)
     assert runs.checkpoint_steps(workdir) == [2, 4]  # nothing moved, nothing overwritten

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from inception_flax import trainer
+from inception_flax.training import checks, loop
 from tests import runs
 
 
@@ -18,7 +18,7 @@ from tests import runs
 def two_good_steps(tmp_path_factory):
     """A run of 2 steps with its checkpoint at step 2."""
     workdir = str(tmp_path_factory.mktemp("nonfinite") / "base")
-    trainer.train_and_evaluate(runs.config(2, 2), workdir)
+    loop.train_and_evaluate(runs.config(2, 2), workdir)
     return workdir
 
 
@@ -31,9 +31,9 @@ def resumed(base: str, tmp_path) -> str:
 @pytest.mark.xdist_group("nonfinite")
 def test_stop_names_the_step_and_keeps_the_last_good_checkpoint(two_good_steps, tmp_path):
     workdir = resumed(two_good_steps, tmp_path)
-    with pytest.raises(trainer.NonFiniteError, match="non-finite loss or gradient at step 3: "
+    with pytest.raises(checks.NonFiniteError, match="non-finite loss or gradient at step 3: "
                        "stopping; the last good checkpoint \\(step 2\\) is kept"):
-        trainer.train_and_evaluate(runs.config(6, 1, learning_rate=1e38), workdir)
+        loop.train_and_evaluate(runs.config(6, 1, learning_rate=1e38), workdir)
     assert runs.checkpoint_steps(workdir) == [2]
     state = runs.read_state(workdir, 2)
     assert all(np.isfinite(v).all() for v in state.values())
@@ -44,7 +44,7 @@ def test_stop_names_the_step_and_keeps_the_last_good_checkpoint(two_good_steps, 
 @pytest.mark.xdist_group("nonfinite")
 def test_skip_drops_each_non_finite_update_and_goes_on(two_good_steps, tmp_path):
     workdir = resumed(two_good_steps, tmp_path)
-    trainer.train_and_evaluate(runs.config(5, 5, learning_rate=1e38, nonfinite="skip"), workdir)
+    loop.train_and_evaluate(runs.config(5, 5, learning_rate=1e38, nonfinite="skip"), workdir)
     assert runs.checkpoint_steps(workdir) == [2, 5]
     before, after = runs.read_state(workdir, 2), runs.read_state(workdir, 5)
     assert int(after["['step']"]) == 5

@@ -3,7 +3,8 @@
 import pytest
 
 from inception_flax import checkpoint as ckpt_lib
-from inception_flax import trainer
+from inception_flax.training import loop
+from inception_flax.training import setup as setup_lib
 from tests import runs
 from tests.test_fault_bad_config import no_compile
 
@@ -18,9 +19,9 @@ from tests.test_fault_bad_config import no_compile
 def test_resuming_another_run_is_refused_before_any_compile(tmp_path, field, value, named):
     workdir = str(tmp_path / "run")
     # What a run of the tiny config writes first into its workdir.
-    ckpt_lib.check_run_identity(workdir, trainer.run_identity(runs.config(2, 2), 10))
+    ckpt_lib.check_run_identity(workdir, setup_lib.run_identity(runs.config(2, 2), 10))
     other = runs.config(2, 2, **{field: value})
     with no_compile(), pytest.raises(ckpt_lib.RunMismatchError, match="holds another run") as e:
-        trainer.train_and_evaluate(other, workdir)
+        loop.train_and_evaluate(other, workdir)
     assert named in str(e.value) and "use a new --workdir" in str(e.value)
     assert "\n" not in str(e.value)

@@ -48,7 +48,7 @@ def test_sigkill_then_rerun_is_bit_exact_with_no_gap_or_repeat(tmp_path):
 def test_session_start_hides_the_steps_a_killed_attempt_logged_past_its_checkpoint(tmp_path):
     import tensorflow as tf
 
-    from inception_flax import trainer
+    from inception_flax.training import loop
 
     def attempt(steps):
         writer = tf.summary.create_file_writer(str(tmp_path))
@@ -57,10 +57,10 @@ def test_session_start_hides_the_steps_a_killed_attempt_logged_past_its_checkpoi
                 tf.summary.scalar("train/loss", float(s), step=s)
         writer.close()
 
-    trainer.mark_session_start(str(tmp_path), 1)
+    loop.mark_session_start(str(tmp_path), 1)
     time.sleep(1.1)
     attempt([1, 2, 3, 4])  # checkpointed at 2, logged 3 and 4, then killed
     time.sleep(2.1)  # the resumed attempt starts seconds later
-    trainer.mark_session_start(str(tmp_path), 3)
+    loop.mark_session_start(str(tmp_path), 3)
     attempt([3, 4, 5])
     assert runs.logged(str(tmp_path), "train/loss") == {s: [float(s)] for s in range(1, 6)}

@@ -115,7 +115,7 @@ def test_bad_sweeps_fail_before_anything_runs(sweep, message):
 
 
 def test_every_named_sweep_resolves_and_passes_the_trainer_checks():
-    from inception_flax import trainer
+    from inception_flax.training import checks
     module = importlib.import_module("configs.inception_resnet_v2")
     with pytest.raises(sweep_lib.UnknownSweepError) as err:
         module.get_sweep("nope")
@@ -125,7 +125,7 @@ def test_every_named_sweep_resolves_and_passes_the_trainer_checks():
         for preset in ("", "digits"):
             config = irv2_config(preset)
             for run in sweep_lib.resolve(module.get_sweep(name), config):
-                trainer.check_config(sweep_lib.apply(config, run))
+                checks.check_config(sweep_lib.apply(config, run))
     grid = sweep_lib.resolve(module.get_sweep("residual_scale"), irv2_config())
     assert len(grid) == 6 and grid[0].name == "model.residual_scale=0.1,label_smoothing=0.0"
 

@@ -13,8 +13,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
-from inception_flax import checkpoint as ckpt_lib
-from inception_flax import trainer
+from inception_flax import pretrained
+from inception_flax.training import checks, loop, mesh, state, step
+from inception_flax.training import setup as setup_lib
 from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
 def test_every_config_loads_and_passes_checks(network):
     for preset in ("", "digits"):
         config = load_config(network, preset)
-        trainer.check_config(config)
+        checks.check_config(config)
         assert config.model.name == network
     paper = load_config(network)
     assert paper.image_size == (224 if network in ("inception_v1", "bn_inception") else 299)
@@ -94,7 +95,7 @@ def test_each_variant_trains_on_mock_imagenet(tmp_path, network):
                   or network in ("inception_v2", "inception_v3", "inception_v4") else 64)
     config.checkpoint_every_steps = 100
     with tfds.testing.mock_data(num_examples=8):
-        result = trainer.train_and_evaluate(config, str(tmp_path))
+        result = loop.train_and_evaluate(config, str(tmp_path))
     assert 0.0 <= result["top1"] <= 1.0 and result["examples"] > 0
     logged = scalars(str(tmp_path))
     assert [s for s, _ in logged["train/loss"]] == [1, 2]
@@ -111,7 +112,7 @@ def digits_run(tmp_path_factory):
                   eval_every_steps=4, num_eval_steps=-1)
     config.dataset.data_dir = os.environ["TFDS_DATA_DIR"]
     config.log_input_images = True
-    result = trainer.train_and_evaluate(config, workdir)
+    result = loop.train_and_evaluate(config, workdir)
     return config, workdir, result
 
 
@@ -135,7 +136,7 @@ def test_rerun_resumes_and_continues_the_step_counter(digits_run, tmp_path):
     config, workdir, _ = digits_run
     config = config.copy_and_resolve_references()
     config.num_train_steps = 6
-    trainer.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     steps = [s for s, _ in scalars(workdir)["train/loss"]]
     assert steps == [1, 2, 3, 4, 5, 6]  # no gap, no repeat
     assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
@@ -154,11 +155,11 @@ def test_eval_py_reports_top1_and_fine_tuning_resets_heads(digits_run, tmp_path)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["examples"] == 360 and 0.0 <= result["top1"] <= 1.0
 
-    source = ckpt_lib.restore_variables(workdir)
-    target = trainer.init_variables(
-        trainer.create_model(config, num_classes=5), jax.random.key_data(jax.random.key(1)),
+    source = pretrained.restore_variables(workdir)
+    target = state.init_variables(
+        setup_lib.create_model(config, num_classes=5), jax.random.key_data(jax.random.key(1)),
         config.image_size)
-    merged, reset = trainer.merge_pretrained(dict(target), source)
+    merged, reset = pretrained.merge_pretrained(dict(target), source)
     assert reset == ["AuxLogits", "Logits"]
     assert merged["params"]["Logits"]["kernel"].shape[-1] == 5
     stem = ("Stem", "Conv2d_1a_3x3", "conv", "kernel")
@@ -173,17 +174,30 @@ def test_the_step_averages_the_devices_gradients():
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    mesh = trainer.create_mesh()
+    devices = mesh.create_mesh()
     x = jnp.arange(8.0).reshape(8, 1)
 
     def per_device(w, x):
-        (loss, _), grad = trainer.mean_value_and_grad(
+        (loss, _), grad = step.mean_value_and_grad(
             lambda w: (jnp.mean((w * x) ** 2), None), w)
-        return jax.lax.pmean(loss, trainer.AXIS), grad
+        return jax.lax.pmean(loss, mesh.AXIS), grad
 
-    step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(trainer.AXIS)),
-                                 out_specs=(P(), P())))
-    loss, grad = step(jnp.float32(1.5), jax.device_put(x, NamedSharding(mesh, P(trainer.AXIS))))
+    run = jax.jit(jax.shard_map(per_device, mesh=devices, in_specs=(P(), P(mesh.AXIS)),
+                                out_specs=(P(), P())))
+    loss, grad = run(jnp.float32(1.5), jax.device_put(x, NamedSharding(devices, P(mesh.AXIS))))
     assert jax.device_count() == 2
     assert float(loss) == pytest.approx(float(jnp.mean((1.5 * x) ** 2)))
     assert float(grad) == pytest.approx(float(jnp.mean(2 * 1.5 * x ** 2)))  # 52.5, not 105
+
+
+def test_setup_of_synthetic_data_reads_no_dataset():
+    """The benchmark's setup: its own class count, no dataset read, an initial state."""
+    config = runs.config(2, 2, **{"dataset.name": "no_such_dataset", "num_train_steps": -1})
+    s = setup_lib.setup(config, num_classes=7)
+    assert s.info is None and s.num_classes == 7
+    assert (s.steps_per_epoch, s.num_steps) == (
+        setup_lib.SYNTHETIC_STEPS_PER_EPOCH, int(config.num_epochs * s.steps_per_epoch))
+    assert s.state.params["Logits"]["kernel"].shape[-1] == 7
+    assert int(s.state.step) == 0 and s.mesh.devices.size == jax.device_count()
+    with pytest.raises(checks.ConfigError, match="dataset.name='no_such_dataset' cannot be read"):
+        setup_lib.setup(config)

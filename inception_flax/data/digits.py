@@ -17,8 +17,8 @@ class present in both.
 
 Usage:
 
-    import inception_flax.data  # Registers the builder.
-    builder = tfds.builder('inception_digits', data_dir=data_dir)
+    import inception_flax.data.digits  # Registers the builder.
+    builder = tfds.builder("inception_digits", data_dir=data_dir)
     builder.download_and_prepare()
 """
 
@@ -77,9 +77,9 @@ def is_test_index(index: int) -> bool:
 class InceptionDigits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 8x8 handwritten digits as a 32x32 RGB image dataset."""
 
-    name = 'inception_digits'
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    name = "inception_digits"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
     # Set explicitly: TFDS' own lookup of the code path needs the optional
     # `importlib_resources` package. Only used to look for a (non-existent)
     # checksums file, as nothing is downloaded.
@@ -91,13 +91,13 @@ class InceptionDigits(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description=_DESCRIPTION,
             features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(
-                    shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format='png'),
-                'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                "image": tfds.features.Image(
+                    shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
+                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
             }),
-            supervised_keys=('image', 'label'),
-            homepage='https://scikit-learn.org/stable/modules/generated/'
-            'sklearn.datasets.load_digits.html',
+            supervised_keys=("image", "label"),
+            homepage="https://scikit-learn.org/stable/modules/generated/"
+            "sklearn.datasets.load_digits.html",
             citation=_CITATION,
         )
 
@@ -105,8 +105,8 @@ class InceptionDigits(tfds.core.GeneratorBasedBuilder):
         """Returns the train and test generators; nothing is downloaded."""
         del dl_manager  # The data ships with scikit-learn.
         return {
-            'train': self._generate_examples(test=False),
-            'test': self._generate_examples(test=True),
+            "train": self._generate_examples(test=False),
+            "test": self._generate_examples(test=True),
         }
 
     def _generate_examples(self, test: bool) -> Iterator[tuple[int, dict]]:
@@ -123,6 +123,6 @@ class InceptionDigits(tfds.core.GeneratorBasedBuilder):
                 zip(digits.images, digits.target)):
             if is_test_index(index) == test:
                 yield index, {
-                    'image': to_rgb_uint8(image),
-                    'label': int(label),
+                    "image": to_rgb_uint8(image),
+                    "label": int(label),
                 }

@@ -1,4 +1,4 @@
-"""tf.data input pipeline with Inception preprocessing.
+"""tf.data input pipeline with Inception preprocessing (`inception_flax.data.preprocess`).
 
 Sources:
   * Any TFDS dataset by name (`imagenet2012`, `imagenette`, `inception_digits`,
@@ -20,53 +20,29 @@ position of the example in the stream), so with `deterministic=True` a seed
 fixes the exact batches, and a restored iterator (see
 `create_checkpointable_iterator`) continues with the same batches.
 
-Importing this module hides GPUs from TensorFlow (see `inception_flax.data`).
+TensorFlow only feeds JAX: the first use of a dataset (`get_builder`) hides the
+GPUs from it (`hide_accelerators_from_tf`), leaving them to JAX.
 """
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Optional
 
+from absl import logging
 from clu import data as clu_data
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# Hides GPUs from TensorFlow and registers `inception_digits`.
-from inception_flax import data as _data  # pylint: disable=unused-import
+# Defining the builder registers `inception_digits` with TFDS.
+from inception_flax.data import digits as _digits  # pylint: disable=unused-import
+from inception_flax.data.preprocess import Preprocessing, make_preprocess_fn
 
-FOLDER_PREFIX = 'folder:'
+FOLDER_PREFIX = "folder:"
 
 # Examples are preprocessed in groups of this size inside the error guard
 # (see `_guard`), which amortises its per-group cost.
 _GUARD_GROUP_SIZE = 32
-
-# A crop window, int32 [offset_y, offset_x, height, width].
-WindowFn = Callable[[tf.Tensor], tf.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """Options of the Inception preprocessing.
-
-    Attributes:
-        area_range: Range of the fraction of the image area that a random
-            training crop covers.
-        aspect_ratio_range: Range of width / height of a random training crop.
-        max_attempts: Attempts to sample a valid random crop before falling
-            back to the central crop.
-        random_flip: Whether training images are flipped left-right at random.
-        central_fraction: Fraction of height and width kept by the evaluation
-            central crop (also the training fallback crop).
-    """
-
-    area_range: tuple[float, float] = (0.05, 1.0)
-    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
-    max_attempts: int = 10
-    random_flip: bool = True
-    central_fraction: float = 0.875
-
 
 class SkipCounter:
     """Counts images dropped because they could not be decoded/preprocessed.
@@ -95,6 +71,25 @@ class SkipCounter:
             return tf.identity(valid)
 
 
+_accelerators_hidden = False
+
+
+def hide_accelerators_from_tf() -> None:
+    """Makes TensorFlow run on CPU only, leaving GPUs to JAX (once per process).
+
+    If TensorFlow's runtime was already initialised with visible GPUs, the
+    setting cannot change anymore and a warning is logged instead of raising.
+    """
+    global _accelerators_hidden
+    if _accelerators_hidden:
+        return
+    _accelerators_hidden = True
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as error:
+        logging.warning("Could not hide GPUs from TensorFlow: %s", error)
+
+
 def get_builder(dataset_name: str,
                 data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
     """Returns the TFDS builder for a dataset name or a `folder:` root.
@@ -103,6 +98,7 @@ def get_builder(dataset_name: str,
         dataset_name: A TFDS name (e.g. `imagenet2012`) or `folder:<root>`.
         data_dir: TFDS data directory; ignored for folders.
     """
+    hide_accelerators_from_tf()
     if dataset_name.startswith(FOLDER_PREFIX):
         root = dataset_name[len(FOLDER_PREFIX):]
         return tfds.folder_dataset.ImageFolder(root)
@@ -144,7 +140,7 @@ def num_classes(dataset_name: str,
                 data_dir: Optional[str] = None) -> Optional[int]:
     """Returns the number of classes of the `label` feature, if known."""
     features = get_builder(dataset_name, data_dir).info.features
-    return features['label'].num_classes or None
+    return features["label"].num_classes or None
 
 
 def eval_num_batches(num_eval_examples: int, batch_size: int,
@@ -256,8 +252,8 @@ def _check_num_batches(dataset_name: str, split: str, data_dir: Optional[str],
         return
     needed = eval_num_batches(total, batch_size, process_count)
     if pad_to_num_batches < needed:
-        raise ValueError(f'pad_to_num_batches={pad_to_num_batches} is less '
-                         f'than the {needed} batches needed for {split}.')
+        raise ValueError(f"pad_to_num_batches={pad_to_num_batches} is less "
+                         f"than the {needed} batches needed for {split}.")
 
 
 def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
@@ -265,8 +261,8 @@ def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
                 process_count: int) -> tf.data.Dataset:
     """Reads this process' shard as {'image': encoded or uint8, 'label'}."""
     decoders = None
-    if isinstance(builder.info.features['image'], tfds.features.Image):
-        decoders = {'image': tfds.decode.SkipDecoding()}
+    if isinstance(builder.info.features["image"], tfds.features.Image):
+        decoders = {"image": tfds.decode.SkipDecoding()}
     if isinstance(builder, tfds.folder_dataset.ImageFolder):
         # ImageFolder supports neither sub-splits nor seeded file shuffling.
         ds = builder.as_dataset(split=split, decoders=decoders)
@@ -278,8 +274,8 @@ def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
                                 decoders=decoders,
                                 read_config=tfds.ReadConfig(shuffle_seed=seed))
     return ds.map(lambda ex: {
-        'image': ex['image'],
-        'label': tf.cast(ex['label'], tf.int32),
+        "image": ex["image"],
+        "label": tf.cast(ex["label"], tf.int32),
     })
 
 
@@ -287,8 +283,7 @@ def _preprocess(ds: tf.data.Dataset, *, train: bool, image_size: int,
                 preprocessing: Preprocessing,
                 base_seed: tf.Tensor) -> tuple[tf.data.Dataset, SkipCounter]:
     """Decodes and preprocesses examples, dropping and counting failures."""
-    preprocess = _make_preprocess_fn(train, image_size, preprocessing,
-                                     base_seed)
+    preprocess = make_preprocess_fn(train, image_size, preprocessing, base_seed)
     counter = SkipCounter()
     ds = ds.enumerate().batch(_GUARD_GROUP_SIZE).interleave(
         _guard(preprocess, _placeholder(image_size)),
@@ -305,34 +300,6 @@ def _batch(ds: tf.data.Dataset, batch_size: int, *, train: bool,
     if pad_to_num_batches is not None and not train:
         ds = _pad_num_batches(ds, pad_to_num_batches)
     return ds
-
-
-def _make_preprocess_fn(
-    train: bool, image_size: int, preprocessing: Preprocessing,
-    base_seed: tf.Tensor
-) -> Callable[[tf.Tensor, dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
-    """Returns `fn(index, example) -> example` with a float [-1, 1] image."""
-
-    def preprocess(index: tf.Tensor,
-                   example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-        crop_seed, flip_seed = tf.unstack(
-            tf.random.experimental.stateless_split(seed, 2))
-        if train:
-            window_fn = lambda shape: _random_window(shape, crop_seed,
-                                                     preprocessing)
-        else:
-            window_fn = lambda shape: _central_window(
-                shape, preprocessing.central_fraction)
-        image = _decode_and_crop(example['image'], window_fn)
-        image = tf.image.resize(image, [image_size, image_size],
-                                method='bilinear')
-        if train and preprocessing.random_flip:
-            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-        image = tf.ensure_shape(image, [image_size, image_size, 3])
-        return {'image': image / 127.5 - 1.0, 'label': example['label']}
-
-    return preprocess
 
 
 def _guard(
@@ -361,90 +328,15 @@ def _guard(
 def _placeholder(image_size: int) -> dict[str, tf.Tensor]:
     """Returns a dummy preprocessed example standing in for a failed one."""
     return {
-        'image': tf.zeros([image_size, image_size, 3], tf.float32),
-        'label': tf.constant(0, tf.int32),
+        "image": tf.zeros([image_size, image_size, 3], tf.float32),
+        "label": tf.constant(0, tf.int32),
     }
-
-
-def _decode_and_crop(image: tf.Tensor, window_fn: WindowFn) -> tf.Tensor:
-    """Decodes (if encoded) and crops an image to uint8 RGB.
-
-    Args:
-        image: Encoded image bytes, or a decoded uint8 [H, W, C] image (as
-            e.g. produced by `tfds.testing.mock_data`).
-        window_fn: Maps the int32 [height, width] of the image to its crop
-            window.
-
-    Returns:
-        The cropped uint8 image with 3 channels.
-    """
-    if image.dtype != tf.string:
-        return _to_rgb(_crop(image, window_fn(tf.shape(image)[:2])))
-    return tf.cond(tf.io.is_jpeg(image),
-                   lambda: _decode_and_crop_jpeg(image, window_fn),
-                   lambda: _decode_and_crop_any(image, window_fn))
-
-
-def _decode_and_crop_jpeg(data: tf.Tensor, window_fn: WindowFn) -> tf.Tensor:
-    """Decodes only the crop window of a JPEG, which is faster."""
-    window = window_fn(tf.image.extract_jpeg_shape(data)[:2])
-    return tf.image.decode_and_crop_jpeg(data, window, channels=3)
-
-
-def _decode_and_crop_any(data: tf.Tensor, window_fn: WindowFn) -> tf.Tensor:
-    """Decodes a PNG/GIF/BMP (or JPEG) image, then crops it."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    return _crop(image, window_fn(tf.shape(image)[:2]))
-
-
-def _crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
-    """Crops [H, W, C] to the window [offset_y, offset_x, height, width]."""
-    return tf.slice(image, tf.concat([window[:2], [0]], 0),
-                    tf.concat([window[2:], [-1]], 0))
-
-
-def _to_rgb(image: tf.Tensor) -> tf.Tensor:
-    """Converts a grey or RGBA [H, W, C] image to RGB."""
-    if image.shape[-1] == 1:
-        return tf.image.grayscale_to_rgb(image)
-    return image[..., :3]
-
-
-def _central_window(shape: tf.Tensor, fraction: float) -> tf.Tensor:
-    """Returns the centred window keeping `fraction` of height and width."""
-    size = tf.maximum(tf.cast(tf.cast(shape, tf.float32) * fraction, tf.int32),
-                      1)
-    return tf.concat([(shape - size) // 2, size], 0)
-
-
-def _random_window(shape: tf.Tensor, seed: tf.Tensor,
-                   preprocessing: Preprocessing) -> tf.Tensor:
-    """Samples an Inception-style random crop window.
-
-    As in the reference Inception/ResNet preprocessing, when no window within
-    the area and aspect ratio ranges is found (the sampler then returns the
-    whole image), the central crop is used instead.
-    """
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.concat([shape, [3]], 0),
-        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=seed,
-        min_object_covered=preprocessing.area_range[0],
-        aspect_ratio_range=preprocessing.aspect_ratio_range,
-        area_range=preprocessing.area_range,
-        max_attempts=preprocessing.max_attempts,
-        use_image_if_no_bounding_boxes=True)
-    window = tf.concat([begin[:2], size[:2]], 0)
-    failed = tf.reduce_all(tf.equal(size[:2], shape))
-    return tf.where(failed,
-                    _central_window(shape, preprocessing.central_fraction),
-                    window)
 
 
 def _add_mask(batch: dict[str, tf.Tensor],
               batch_size: int) -> dict[str, tf.Tensor]:
     """Pads a (possibly partial) batch to `batch_size` and adds `mask`."""
-    real = tf.shape(batch['label'])[0]
+    real = tf.shape(batch["label"])[0]
     batch = dict(batch, mask=tf.ones([real], tf.float32))
     return {k: _pad_leading(v, batch_size) for k, v in batch.items()}
 
