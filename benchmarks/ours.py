@@ -81,10 +81,11 @@ def build(config: ml_collections.ConfigDict, num_classes: int) -> Ours:
     from inception_flax import optim, trainer
     from inception_flax.models import layers
 
-    if config.kernels not in KERNEL_CHOICES:
+    kernels = config.get("kernels", "auto")  # until configs/common.py declares it
+    if kernels not in KERNEL_CHOICES:
         raise trainer.ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, "
-                                  f"got {config.kernels!r}")
-    choice = _TODAYS_KERNELS[config.kernels]
+                                  f"got {kernels!r}")
+    choice = _TODAYS_KERNELS[kernels]
     with layers.kernels(choice):
         trainer.check_config(config)
         used = ("native" if layers.native_kernels()
