@@ -3,7 +3,9 @@
 Train and inference images/s of the trainer's real step, compile time (cold and
 with a warm persistent cache), peak memory, multiply-adds and the fraction of
 the measured matmul rate, optionally next to timm, and the input pipeline alone.
-`python benchmark.py --help` lists the options; see inception_flax/benchmark.py.
+The network is a config as for train.py: `--config=configs/NET.py` (or `--model NET`)
+and any `--config.FIELD=VALUE`. `python benchmark.py --help` lists the options;
+the code is in benchmarks/.
 """
 
 if __name__ == "__main__":  # before JAX is imported: see inception_flax/hugepages.py
@@ -13,7 +15,7 @@ if __name__ == "__main__":  # before JAX is imported: see inception_flax/hugepag
 
 import sys
 
-from inception_flax.benchmark import main
+from benchmarks.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,15 +1,20 @@
-"""benchmark.py: a tiny end-to-end run next to torchvision, and its report. No timing checks."""
+"""benchmark.py (benchmarks/): a tiny end-to-end run next to torchvision, its flags and report.
+
+No timing checks.
+"""
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from inception_flax import benchmark, hugepages
+from benchmarks import cli, measure, ours, overrides, report, run
+from inception_flax import hugepages
 
 # One worker runs the module: the end-to-end run (the fixture) happens once.
 pytestmark = pytest.mark.xdist_group("benchmark")
@@ -27,10 +32,10 @@ def result(tmp_path_factory):
     # XLA_FLAGS (2 devices, light optimisation) and TFDS_DATA_DIR.
     out = tmp_path_factory.mktemp("bench") / "result.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--model", "googlenet",
-           "--batch", "2", "--image-size", "32", "--depth-multiplier", "0.25",
-           "--num-classes", "10", "--compare", "timm", "--steps", "2", "--warmup", "1",
-           "--pipeline-batches", "2", "--matmul-size", "128", "--conv-layers",
-           "--ab", "onednn", "--json", str(out)]
+           "--batch", "2", "--config.image_size=32", "--config.model.depth_multiplier=0.25",
+           "--num_classes", "10", "--compare", "timm", "--steps", "2", "--warmup", "1",
+           "--pipeline_batches", "2", "--matmul_size", "128", "--conv_layers",
+           "--ab", "kernels=xla_cpu", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,8 +46,12 @@ def test_json_has_every_figure(result):
     r, _ = result
     c = r["config"]
     assert (c["model"], c["batch"], c["image_size"], c["devices"]) == ("inception_v1", 2, 32, 2)
-    assert c["kernels"] == "onednn" and c["device_kind"] and c["flax"]
+    # config.kernels as given (the default), and what it chose on this CPU.
+    assert (c["kernels"], c["kernels_used"]) == ("auto", "native")
+    assert c["device_kind"] and c["flax"]
     assert c["aux_logits"] and c["depth_multiplier"] == 0.25
+    assert c["overrides"]["image_size"] == 32 and c["overrides"]["batch_size"] == 2
+    assert c["overrides"]["config_file"].endswith(os.path.join("configs", "inception_v1.py"))
     for key in ("params", "macs_per_image", "train_forward_macs_per_image",
                 "train_flops_per_image", "infer_flops_per_image"):
         assert _positive(r["model"][key]), key
@@ -61,9 +70,10 @@ def test_json_has_every_figure(result):
         assert isinstance(faults, float) and faults >= 0
     for key in ("lower_s", "compile_cold_s", "compile_warm_s", "xla_temp_mb"):
         assert _positive(ours[key]), key
-    # Whether the subprocess found the cold compile's entry: reported, not required (a
-    # rolled nn.scan step was once seen to miss; see the report).
-    assert isinstance(ours["warm_cache_hit"], bool) and ours["cache_entries"]
+    # The warm-compile subprocess repeats the command line (config file and overrides):
+    # it compiles the same step, which the cold compile left in the cache. (GoogLeNet has
+    # no rolled nn.scan, where a miss was once seen; a miss here means another config.)
+    assert ours["warm_cache_hit"] is True and ours["cache_entries"]
     assert ours["device_peak_mb"] is None  # the CPU backend has no allocator statistics
     assert timm["library"] == "torchvision" and timm["model"] == "googlenet"
     assert timm["device"] == "cpu"  # PyTorch runs where JAX does
@@ -83,7 +93,7 @@ def _without_tunables():
 def test_peak_rss_sees_a_short_lived_allocation():
     import numpy as np
 
-    with benchmark.PeakRss() as rss:
+    with measure.PeakRss() as rss:
         block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched, freed before the block ends
         del block
     assert rss.peak - rss.before >= 200 * 2**20, (rss.method, rss.before, rss.peak)
@@ -129,13 +139,17 @@ def test_every_convolution_is_timed_alone_next_to_pytorch(result):
 def test_ab_alternates_the_two_variants_in_one_process(result):
     r, stdout = result
     ab = r["ab"]
-    assert (ab["option"], ab["a"], ab["b"]) == ("onednn", True, False)
+    # B is the config with the override: XLA:CPU's forms instead of the native kernels.
+    assert (ab["override"], ab["option"], ab["a"], ab["b"]) == (
+        "kernels=xla_cpu", "kernels", "auto", "xla_cpu")
+    assert ab["b_kernels"] == "xla_cpu" != r["config"]["kernels_used"]
     assert len(ab["a_times_ms"]) == len(ab["b_times_ms"]) == 2
     for k in ("a", "b"):
         assert all(_positive(t) for t in ab[f"{k}_times_ms"])
         assert ab[f"{k}_step_ms"] == pytest.approx(np.median(ab[f"{k}_times_ms"]))
     assert ab["a_over_b"] == pytest.approx(ab["a_step_ms"] / ab["b_step_ms"])
-    assert "A/B in one process, alternating train steps, medians of 2: onednn=True" in stdout
+    assert ("A/B in one process, alternating train steps, medians of 2: kernels=auto "
+            in stdout) and " ms, kernels=xla_cpu " in stdout
 
 
 def test_scanned_convolutions_count_once_per_iteration():
@@ -146,7 +160,7 @@ def test_scanned_convolutions_count_once_per_iteration():
     # Unmerged 1x1 siblings, so that each kernel is one convolution.
     net = models.create_model("inception_resnet_v2", num_classes=10, depth_multiplier=0.25,
                               merge_pointwise=False)
-    convs = benchmark.network_convolutions(net, 1, 75)
+    convs = ours.network_convolutions(net, 1, 75)
     params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))["params"]
     # One 4-D kernel per convolution; a scanned block's kernels gain a leading axis.
     kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)
@@ -157,36 +171,72 @@ def test_scanned_convolutions_count_once_per_iteration():
 
 def test_table_is_printed(result):
     r, stdout = result
-    assert stdout.strip().endswith(benchmark.format_table(r).strip().splitlines()[-1].strip())
+    assert stdout.strip().endswith(report.format_table(r).strip().splitlines()[-1].strip())
     for label in ("train images/s", "inference images/s", "compile cold s",
                   "compile warm cache s", "ours/timm", "input pipeline"):
         assert label in stdout
 
 
-def test_cli_options():
-    opts, _ = benchmark.parse_args(["--model", "inception_resnet_v2", "--batch", "4",
-                                    "--dtype", "bfloat16", "--scan-unroll", "20",
-                                    "--no-aux", "--no-warm-compile"])
-    assert (opts.model, opts.batch, opts.dtype, opts.scan_unroll) == (
-        "inception_resnet_v2", 4, "bfloat16", 20)
-    assert opts.aux_logits is False and opts.warm_compile is False
-    assert opts.image_size is None and opts.compare is None
-    config = benchmark.load_config(opts)
-    assert (config.batch_size, config.image_size, config.model.dtype) == (4, 299, "bfloat16")
-    assert config.model.scan_unroll == 20 and not config.model.aux_logits
+def test_the_network_is_a_config_with_train_py_overrides():
+    config, opts = cli.parse(["benchmark.py", "--model", "inception_resnet_v2", "--batch", "4",
+                              "--config.model.dtype=bfloat16", "--config.model.scan_unroll=20",
+                              "--config.model.aux_logits=false", "--no-warm-compile"])
+    assert config.model.name == "inception_resnet_v2"
+    assert (config.batch_size, config.eval_batch_size) == (4, 4)
+    assert (config.image_size, config.model.dtype, config.model.scan_unroll) == (
+        299, "bfloat16", 20)
+    assert not config.model.aux_logits and opts.warm_compile is False
     assert config.model.residual_scales == (0.17, 0.10, 0.20)  # the network's own recipe
-    assert not config.model.remat  # the config's default stands unless --remat is given
-    with pytest.raises(SystemExit):  # the per-convolution comparison needs PyTorch
-        benchmark.parse_args(["--conv-layers"])
-    opts, _ = benchmark.parse_args(["--model", "inception_v4", "--remat", "--memory-sweep"])
-    assert opts.remat is True and opts.memory_sweep is True
-    assert benchmark.load_config(opts).model.remat is True
-    assert config.model.bn_remat  # the default: faster and smaller on a GPU
-    opts, _ = benchmark.parse_args(["--no-bn-remat"])
-    assert benchmark.load_config(opts).model.bn_remat is False
-    assert config.model.merge_pointwise is True
-    opts, _ = benchmark.parse_args(["--no-merge-pointwise"])
-    assert benchmark.load_config(opts).model.merge_pointwise is False
+    assert not config.model.remat and config.model.bn_remat  # the config's defaults stand
+    assert config.kernels == "auto" and opts.compare is None
+    # The warm-compile probe repeats this command line: the same config file, overrides.
+    assert opts.argv[1].endswith(os.path.join("configs", "inception_resnet_v2.py"))
+    assert "--config.model.dtype=bfloat16" in opts.argv and "--model" not in opts.argv
+    config, opts = cli.parse(["benchmark.py", f"--config={ROOT}/configs/inception_v4.py",
+                              "--config.model.remat=true", "--config.batch_size=8",
+                              "--memory-sweep", "--kernels", "xla_cpu"])
+    assert config.model.name == "inception_v4" and config.model.remat is True
+    assert (config.batch_size, config.eval_batch_size) == (8, 8)  # --config.batch_size
+    assert opts.memory_sweep is True and config.kernels == "xla_cpu"
+    config, opts = cli.parse(["benchmark.py", "--model=googlenet:digits",
+                              "--ab", "model.merge_pointwise=false"])
+    assert (config.model.name, config.image_size, config.batch_size) == ("inception_v1", 64, 16)
+    assert opts.ab == "model.merge_pointwise=false"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtype", "bfloat16"], "use --config.model.dtype=bfloat16"),
+    (["--no-aux"], "use --config.model.aux_logits=false"),
+    (["--no-bn-remat"], "use --config.model.bn_remat=false"),
+    (["--image-size=149"], "use --config.image_size=N"),
+    (["--conv-layers"], "add --compare timm"),  # the per-convolution comparison needs PyTorch
+    (["--model", "inception_v3", "--config=configs/inception_v4.py"], "not both"),
+    (["--config.model.no_such_field=1"], "no field 'no_such_field'"),
+    (["--kernels", "onednn"], "auto|native|xla_cpu|plain"),
+    (["--batch", "0"], "--batch must be positive"),
+    (["--model", "bn_inception", "--compare", "timm"],
+     "no timm / torchvision counterpart of bn_inception"),
+])
+def test_bad_command_lines_fail_in_one_line(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cli.parse(["benchmark.py", *argv])
+
+
+def test_ab_overrides_parse_as_config_flags_do():
+    config, _ = cli.parse(["benchmark.py", "--model", "inception_v3"])
+    b, field, value = overrides.apply(config, "model.bn_remat=false")
+    assert (field, value, b.model.bn_remat, config.model.bn_remat) == (
+        "model.bn_remat", False, False, True)  # a copy: A stays as it was
+    b, _, value = overrides.apply(config, "dataset.area_range=(0.1, 1.0)")
+    assert value == (0.1, 1.0) and config.dataset.area_range == (0.05, 1.0)
+    with pytest.raises(ValueError, match="no field 'model.no_such_field'"):
+        overrides.apply(config, "model.no_such_field=1")
+    with pytest.raises(ValueError, match="Non-boolean"):
+        overrides.apply(config, "model.bn_remat=maybe")
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        overrides.apply(config, "model.bn_remat")
+    with pytest.raises(ValueError, match="has model.merge_pointwise=True already"):
+        ours.ab(config, 10, "model.merge_pointwise=true", steps=1, warmup=0)
 
 
 def test_memory_sweep_and_loss_are_reported():
@@ -200,24 +250,23 @@ def test_memory_sweep_and_loss_are_reported():
          "memory_sweep": [{"batch": b, "remat": m, "temp_mb": t, "argument_mb": 500.0}
                           for b, m, t in ((8, False, 2000.0), (8, True, 900.0),
                                           (16, False, 4000.0), (16, True, 1700.0))]}
-    table = benchmark.format_table(r)
+    table = report.format_table(r)
     assert "last train loss 7.1000 (finite)" in table
     assert "XLA buffers of the train step" in table and "4,000" in table and "1,700" in table
 
 
+SMALL = ["benchmark.py", "--model", "googlenet", "--batch", "2", "--config.image_size=32",
+         "--config.model.depth_multiplier=0.25", "--num_classes", "10"]
+
+
 def test_a_run_without_ab_or_timm_writes_its_json():
     """Only ours: the result (what --json writes) holds plain values, no compiled step."""
-    r = benchmark.run_benchmark(benchmark.Options(
-        model="googlenet", batch=2, image_size=32, depth_multiplier=0.25, num_classes=10,
-        steps=1, warmup=0, pipeline_batches=0, matmul_size=64, warm_compile=False))
-    assert "ab" not in r and "timm" not in r
+    r = run.run_benchmark(*cli.parse(SMALL + [
+        "--steps", "1", "--warmup", "0", "--pipeline_batches", "0", "--matmul_size", "64",
+        "--nowarm_compile", "--kernels", "plain"]))
+    assert "ab" not in r and "timm" not in r and "compile_warm_s" not in r["ours"]
+    assert (r["config"]["kernels"], r["config"]["kernels_used"]) == ("plain", "plain")
     assert json.loads(json.dumps(r))["ours"]["train_images_per_sec"] > 0
-
-
-def test_networks_without_a_timm_counterpart_fail_clearly():
-    with pytest.raises(ValueError, match="no timm / torchvision counterpart of bn_inception"):
-        benchmark.run_benchmark(benchmark.Options(model="bn_inception", batch=2,
-                                                  compare="timm"))
 
 
 _WITHOUT_TENSORFLOW = """
@@ -227,13 +276,12 @@ class Refuse(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu"):
             raise ModuleNotFoundError(f"No module named {name!r}")
 sys.meta_path.insert(0, Refuse())
-from inception_flax import benchmark, trainer
-opts = benchmark.Options(model="googlenet", batch=2, image_size=32, depth_multiplier=0.25,
-                         num_classes=10)
-ours = benchmark.build_ours(opts)
-ours.step.lower(ours.state, ours.batch)
-trainer.make_eval_step(ours.model, ours.mesh).lower(
-    ours.state.params, trainer.mean_stats(ours.state.batch_stats), ours.batch)
+from benchmarks import cli, ours
+config, opts = cli.parse(["benchmark.py", "--model", "googlenet", "--batch", "2",
+                          "--config.image_size=32", "--config.model.depth_multiplier=0.25"])
+built = ours.build(config, opts.num_classes)
+built.train_step.lower(built.state, built.batch)
+built.infer(built.state)()
 print(json.dumps(sorted(m for m in ("tensorflow", "clu") if m in sys.modules)))
 """
 
