@@ -65,7 +65,8 @@ def batch_stats(x: jax.Array, dtype: Any = None, axis_name: str | None = None):
     the devices of `axis_name` in one collective."""
     x = x.astype(jnp.promote_types(jnp.result_type(x) if dtype is None else dtype, jnp.float32))
     axes = tuple(range(x.ndim - 1))
-    mean, mean2 = x.mean(axes), lax.square(x).mean(axes)
+    squares = lax.square(x)  # before the means, as Flax: the gradients add up in its order
+    mean, mean2 = x.mean(axes), squares.mean(axes)
     if axis_name is not None:
         both = lax.pmean(jnp.stack((mean, mean2)), axis_name)
         mean, mean2 = both[0], both[1]
@@ -75,13 +76,17 @@ def batch_stats(x: jax.Array, dtype: Any = None, axis_name: str | None = None):
 def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array | None,
               bias: jax.Array | None, epsilon: float, dtype: Any = None,
               relu: bool = False) -> jax.Array:
-    """`nn.BatchNorm`'s output for these statistics (then a ReLU when `relu`)."""
-    mul = lax.rsqrt(var + epsilon)
+    """`nn.BatchNorm`'s output for these statistics (then a ReLU when `relu`), computed
+    as Flax does, shapes included, so that values and gradients agree bit for bit."""
+    axes = tuple(range(x.ndim - 1))
+    features = (1,) * len(axes) + x.shape[-1:]
+    y = x - jnp.expand_dims(mean, axes)
+    mul = lax.rsqrt(jnp.expand_dims(var, axes) + epsilon)
     if scale is not None:
-        mul = mul * scale
-    y = (x - mean) * mul
+        mul = mul * scale.reshape(features)
+    y = y * mul
     if bias is not None:
-        y = y + bias
+        y = y + bias.reshape(features)
     y = jnp.asarray(y, dtypes.canonicalize_dtype(
         x, *(v for v in (scale, bias) if v is not None), dtype=dtype))
     return nn.relu(y) if relu else y
