@@ -42,7 +42,7 @@ def supports(x: jax.Array, dtype=None) -> bool:
 
 
 def _call(name: str, like: jax.Array, shape: tuple[int, ...], *args, **attrs) -> jax.Array:
-    (out,) = native.call(f"inception_flax_bn_{name}", like, [(shape, jnp.float32)], *args,
+    (out,) = native.call(native.BATCH_NORM.format(name), like, [(shape, jnp.float32)], *args,
                          threads=native.team_threads(like.size), **attrs)
     return out
 

@@ -15,7 +15,7 @@ import numpy as np
 from inception_flax.cpu import forms, native
 from inception_flax.models.ops import Pads
 
-FORWARD, INPUT_GRAD, KERNEL_GRAD = (f"inception_flax_conv_{k}"
+FORWARD, INPUT_GRAD, KERNEL_GRAD = (native.CONV.format(k)
                                     for k in ("forward", "input_grad", "kernel_grad"))
 
 

@@ -40,7 +40,7 @@ def supports(x: jax.Array, k: int, pads: Pads) -> bool:
 
 def _call(name: str, like: jax.Array, results, *args, k: int, s: int, pads: Pads, size: int):
     # `size`: the input's, which sets the team of threads.
-    return native.call(f"inception_flax_max_pool{name}", like, results, *args, k=k, s=s,
+    return native.call(native.MAX_POOL.format(name), like, results, *args, k=k, s=s,
                        pt=pads[0][0], pl=pads[1][0], threads=native.team_threads(size))
 
 

@@ -16,9 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from inception_flax.models import ops as plain
 from inception_flax.models.ops import PLAIN, Ops
-from inception_flax.models.pooling import (  # noqa: F401  (Pool etc.: part of this module's API)
+from inception_flax.models.pooling import (  # noqa: F401  (Pool, ceil_pool_padding: the families)
     AvgPool, MaxPool, Padding, Pool, adaptive_avg_pool, ceil_pool_padding)
 
 Dtype = Any

@@ -52,10 +52,12 @@ def explicit_padding(x_shape, window, strides, padding) -> Pads:
 
 
 def max_pool(x: jax.Array, k: int, s: int, padding: Pads) -> jax.Array:
+    """Flax's max pool (its gradient: `select_and_scatter`)."""
     return nn.max_pool(x, (k, k), (s, s), padding=padding)
 
 
 def avg_pool(x: jax.Array, k: int, s: int, padding: Pads, count_include_pad: bool) -> jax.Array:
+    """Flax's average pool."""
     return nn.avg_pool(x, (k, k), (s, s), padding=padding, count_include_pad=count_include_pad)
 
 
