@@ -8,10 +8,10 @@ and any `--config.FIELD=VALUE`. `python benchmark.py --help` lists the options;
 the code is in benchmarks/.
 """
 
-if __name__ == "__main__":  # before JAX is imported: see inception_flax/hugepages.py
-    from inception_flax import hugepages
+if __name__ == "__main__":  # before JAX is imported: see inception_flax/cpu/process.py
+    from inception_flax.cpu import process
 
-    hugepages.reexec()
+    process.prepare()
 
 import sys
 

@@ -5,10 +5,10 @@ run kept one), or `--checkpoint=PATH` (a run's workdir or converted weights).
 Prints top-1 / top-5 and writes them to DIR/eval for TensorBoard.
 """
 
-if __name__ == "__main__":  # before JAX is imported: see inception_flax/hugepages.py
-    from inception_flax import hugepages
+if __name__ == "__main__":  # before JAX is imported: see inception_flax/cpu/process.py
+    from inception_flax.cpu import process
 
-    hugepages.reexec()
+    process.prepare()
 
 import json
 import sys

@@ -6,10 +6,10 @@ through `jax.distributed.initialize` (automatic on TPU pods and SLURM / Open MPI
 otherwise pass --coordinator_address, --num_processes and --process_id).
 """
 
-if __name__ == "__main__":  # before JAX is imported: see inception_flax/hugepages.py
-    from inception_flax import hugepages
+if __name__ == "__main__":  # before JAX is imported: see inception_flax/cpu/process.py
+    from inception_flax.cpu import process
 
-    hugepages.reexec()
+    process.prepare()
 
 import sys
 

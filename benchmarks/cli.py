@@ -22,10 +22,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from benchmarks import ours, report, run, torch_side
+from inception_flax import kernels
 
 DEFAULT_MODEL = "inception_v3"
 DEFAULT_BATCH = 16
-KERNELS = ours.KERNEL_CHOICES
+KERNELS = kernels.CHOICES
 
 # Model options the benchmark once mirrored: they are config overrides now.
 REMOVED = {
@@ -156,9 +157,6 @@ def _parse(argv: Sequence[str]
         raise UsageError(f"--batch must be positive, got {batch}")
     config.batch_size = config.eval_batch_size = batch  # inference times the same batch
     config.dataset.num_classes = fv.num_classes
-    with config.unlocked():  # until configs/common.py declares `kernels` (default "auto")
-        if "kernels" not in config:
-            config.kernels = "auto"
     if fv.kernels is not None:
         config.kernels = fv.kernels
     fields = {f.name for f in dataclasses.fields(run.Options)}

@@ -24,10 +24,6 @@ import ml_collections
 
 from benchmarks import measure, overrides
 
-# The values of `config.kernels` (inception_flax.kernels.CHOICES).
-KERNEL_CHOICES = ("auto", "native", "xla_cpu", "plain")
-
-
 @dataclasses.dataclass
 class Ours:
     """What `build` returns: everything the timing below needs, nothing of the trainer's API."""
@@ -41,86 +37,44 @@ class Ours:
     kernels: str  # the kernels the model computes with: "native", "xla_cpu" or "plain"
 
 
-class _TracedUnder:
-    """A jitted function that traces under today's `layers.kernels(choice)`.
-
-    A bridge until the model carries its ops (`config.kernels` resolved once, in
-    the trainer's setup): then `build` hands the jitted steps out as they are.
-    """
-
-    def __init__(self, fn, choice: str):
-        self.fn, self.choice = fn, choice
-
-    def lower(self, *args):
-        from inception_flax.models import layers
-        with layers.kernels(self.choice):
-            return self.fn.lower(*args)
-
-    def __call__(self, *args):
-        from inception_flax.models import layers
-        with layers.kernels(self.choice):
-            return self.fn(*args)
-
-
-# `config.kernels` -> today's `layers.kernels` names (the bridge above).
-_TODAYS_KERNELS = {"auto": "auto", "native": "onednn", "xla_cpu": "cpu", "plain": "xla"}
-
-
 def build(config: ml_collections.ConfigDict, num_classes: int) -> Ours:
-    """Our model, state, steps and a random batch, built the way the trainer builds them.
+    """Our model, state, steps and a random batch, built by the trainer's own setup.
 
-    The only place the benchmark touches the trainer: config checks (a bad one is a
-    `trainer.ConfigError`), kernels, model, mesh, optimizer, initial state, train and
-    evaluation steps. Batch and image size are the config's (`batch_size`).
+    The only place the benchmark touches the trainer: `training.setup` checks the
+    config (a bad one is a `ConfigError`), resolves the kernels and builds model, mesh,
+    optimizer and initial state as a training run does; the steps are the trainer's.
+    Batch and image size are the config's (`batch_size`).
     """
-    import jax
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from inception_flax import optim, trainer
-    from inception_flax.models import layers
+    from inception_flax.data import sharding
+    from inception_flax.models import ops
+    from inception_flax.training import mesh as mesh_lib
+    from inception_flax.training import setup, state as state_lib, step
 
-    kernels = config.get("kernels", "auto")  # until configs/common.py declares it
-    if kernels not in KERNEL_CHOICES:
-        raise trainer.ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, "
-                                  f"got {kernels!r}")
-    choice = _TODAYS_KERNELS[kernels]
-    with layers.kernels(choice):
-        trainer.check_config(config)
-        used = ("native" if layers.native_kernels()
-                else "xla_cpu" if layers.cpu_kernels() else "plain")
-    trainer.check_devices(config)
-    model = trainer.create_model(config, num_classes)
-    mesh = trainer.create_mesh()
-    steps_per_epoch = 1000  # the schedule's shape does not change the step's cost
-    schedule = optim.learning_rate_schedule(config, steps_per_epoch, 100 * steps_per_epoch)
-    tx = optim.create_optimizer(config, schedule)
-    init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-    variables = trainer.init_variables(model, jax.random.key_data(init_rng), config.image_size)
-    state = trainer.create_state(variables["params"], variables.get("batch_stats", {}), tx,
-                                 config.ema_decay > 0, jax.random.key_data(state_rng), mesh)
-    train_step = _TracedUnder(trainer.make_train_step(model, tx, schedule, config, mesh, state),
-                              choice)
-    eval_step = _TracedUnder(trainer.make_eval_step(model, mesh), choice)
+    s = setup.setup(config, num_classes=num_classes)
+    train_step = step.make_train_step(s.model, s.tx, s.schedule, s.config, s.mesh, s.state)
+    eval_step = step.make_eval_step(s.model, s.mesh)
 
     gen = np.random.default_rng(0)
     n, size = config.batch_size, config.image_size
     host = {"image": gen.uniform(-1, 1, (n, size, size, 3)).astype(np.float32),
             "label": gen.integers(0, num_classes, (n,)).astype(np.int32),
             "mask": np.ones((n,), np.float32)}
-    batch = trainer.to_global(host, NamedSharding(mesh, P(trainer.AXIS)))
+    batch = sharding.to_global(host, NamedSharding(s.mesh, P(mesh_lib.AXIS)))
 
     def infer(state):
-        state = trainer.make_reconcile(state)(state)
-        params, stats = state.params, trainer.mean_stats(state.batch_stats)
+        state = state_lib.make_reconcile(state)(state)
+        params, stats = state.params, state_lib.mean_stats(state.batch_stats)
         return lambda: eval_step(params, stats, batch)
 
     def conv(x, w, strides, padding):
-        with layers.kernels(choice):
-            return layers.conv_nhwc(x, w, strides, padding, dimension_numbers=layers.NHWC)
+        pads = ops.explicit_padding(x.shape, w.shape[:2], strides, padding)
+        return s.model.ops.conv(x, w, tuple(strides), pads)
 
-    return Ours(config, model, state, train_step, infer, conv, batch, used)
+    return Ours(config, s.model, s.state, train_step, infer, conv, batch, s.model.ops.name)
 
 
 # ----------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def _run(config: ml_collections.ConfigDict, opts: Options, log: Callable[[str], 
     import flax
     import jax
 
-    from inception_flax import hugepages, models
+    from inception_flax import models
+    from inception_flax.cpu import process
     from inception_flax.models import summary
 
     name = models.canonical_name(config.model.name)
@@ -88,13 +89,13 @@ def _run(config: ml_collections.ConfigDict, opts: Options, log: Callable[[str], 
         "merge_pointwise": bool(config.model.get("merge_pointwise", True)),
         "aux_logits": bool(config.model.aux_logits), "num_classes": opts.num_classes,
         "optimizer": config.optimizer, "ema": config.ema_decay > 0,
-        "kernels": config.get("kernels", "auto"), "kernels_used": ours.kernels,
+        "kernels": config.kernels, "kernels_used": ours.kernels,
         "overrides": dict(opts.overrides),
         "steps": opts.steps, "warmup": opts.warmup,
         "backend": jax.default_backend(), "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
         "cpu_threads": measure.cpu_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "huge_page_malloc": hugepages.active(), "jax": jax.__version__,
+        "huge_page_malloc": process.active(), "jax": jax.__version__,
         "flax": flax.__version__}}
 
     log("counting multiply-adds")
@@ -218,15 +219,15 @@ def bench_pipeline(config: ml_collections.ConfigDict, opts: Options) -> dict[str
     """The input pipeline alone: decoded and augmented batches per second."""
     from configs import common
 
-    from inception_flax import input_pipeline
+    from inception_flax.data import pipeline
     d = config.dataset
     if opts.dataset == DIGITS:  # the digits preset's augmentation and buffer
         d = common.apply_preset(ml_collections.ConfigDict(config.to_dict()), "digits").dataset
-        input_pipeline.prepare_dataset(DIGITS, opts.data_dir)
-    pre = input_pipeline.Preprocessing(
+        pipeline.prepare_dataset(DIGITS, opts.data_dir)
+    pre = pipeline.Preprocessing(
         area_range=tuple(d.area_range), aspect_ratio_range=tuple(d.aspect_ratio_range),
         random_flip=d.random_flip, central_fraction=d.central_fraction)
-    ds, _ = input_pipeline.create_split(
+    ds, _ = pipeline.create_split(
         opts.dataset, opts.split, batch_size=config.batch_size, image_size=config.image_size,
         train=True, data_dir=opts.data_dir, preprocessing=pre,
         shuffle_buffer=min(d.shuffle_buffer, 2048), seed=0)

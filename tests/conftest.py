@@ -4,7 +4,9 @@
 - a light XLA backend optimisation level: the suite compiles many small programs
   whose run time is negligible next to their compile time;
 - one persistent compilation cache for the session, shared with subprocesses, and
-  one cache for the oneDNN convolutions built from source.
+  one cache for the native CPU kernels built from source;
+- the entry points' XLA flag (`inception_flax.cpu.process.configure_xla_flags`),
+  without their huge-page re-execution.
 """
 
 import os
@@ -16,11 +18,15 @@ if "xla_force_host_platform_device_count" not in _flags:
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
+
+from inception_flax.cpu import process  # noqa: E402 (loads no JAX)
+
+process.configure_xla_flags()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="inception_flax_jit_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="inception_flax_tfds_"))
-# oneDNN convolutions (inception_flax/onednn.py) are built once per session, here.
+# The native CPU kernels (inception_flax/cpu/native.py) are built once per session, here.
 os.environ.setdefault("INCEPTION_FLAX_CACHE", tempfile.mkdtemp(prefix="inception_flax_native_"))
 
 

@@ -1,24 +1,34 @@
-"""The native training BatchNorm (inception_flax/batch_norm.py) is Flax's BatchNorm."""
+"""`layers.BatchNorm` is Flax's BatchNorm, whichever operations train it: the plain
+ones (Flax's maths, as GPUs and TPUs run them) and the native CPU kernels
+(`inception_flax.cpu.batch_norm`)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from inception_flax import batch_norm, onednn, trainer
+from inception_flax import kernels
+from inception_flax.cpu import native
 from inception_flax.models import layers
+from inception_flax.models.ops import PLAIN
+
+AXIS = "batch"
 
 
-def _batch_norm_step(module, variables, x, probe, kernels, axis_name=None):
+def _batch_norm_step(module, variables, x, probe, axis_name=None):
     """(loss, running statistics), gradients for params and x, and the traced jaxpr."""
+    relu = isinstance(module, layers.BatchNorm) and module.name == "relu"
+
     def loss(params, x):
-        with layers.kernels(kernels):
-            y, new = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                  x, use_running_average=False, relu=module.name == "relu",
-                                  mutable=["batch_stats"])
-        value = jnp.sum(y * probe)
+        kwargs = {"relu": True} if relu else {}
+        y, new = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                              x, use_running_average=False, mutable=["batch_stats"], **kwargs)
+        if isinstance(module, nn.BatchNorm) and module.name == "relu":
+            y = nn.relu(y)
+        value = jnp.sum(y.astype(jnp.float32) * probe)
         return (jax.lax.psum(value, axis_name) if axis_name else value), new["batch_stats"]
     fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     return fn, str(jax.make_jaxpr(fn)(variables["params"], x))
@@ -29,6 +39,44 @@ def _close(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * max(1.0, np.abs(b).max()))
 
 
+def _inputs(seed=0, shape=(5, 13, 11, 24)):
+    gen = np.random.default_rng(seed)
+    x = jnp.asarray(3 * gen.standard_normal(shape) + 1, jnp.float32)
+    return gen, x, jnp.asarray(gen.standard_normal(shape), jnp.float32)
+
+
+def _perturbed(variables, gen):
+    """Variables away from their initial values."""
+    return jax.tree.map(lambda v: v + jnp.asarray(0.3 * gen.standard_normal(v.shape), v.dtype),
+                        variables)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype,use_scale", [(None, True), (jnp.bfloat16, False)])
+def test_plain_batch_norm_is_flax_batch_norm_exactly(relu, dtype, use_scale):
+    """With the plain operations: the same variables (names, shapes, initial values) as
+    `nn.BatchNorm`, and bit for bit the same outputs, gradients and running statistics,
+    in training and at inference."""
+    name = "relu" if relu else "plain"
+    kwargs = dict(momentum=0.9, epsilon=1e-3, use_scale=use_scale, dtype=dtype, name=name)
+    ours, flax = layers.BatchNorm(ops=PLAIN, **kwargs), nn.BatchNorm(**kwargs)
+    gen, x, probe = _inputs()
+    x = x.astype(dtype or jnp.float32)
+    variables = flax.init(jax.random.key(0), x, use_running_average=False)
+    ours_init = ours.init(jax.random.key(0), x, use_running_average=False)
+    assert jax.tree.structure(ours_init) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(ours_init), jax.tree.leaves(variables)):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    variables = _perturbed(variables, gen)
+    got, want = (_batch_norm_step(m, variables, x, probe)[0](variables["params"], x)
+                 for m in (ours, flax))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    y = ours.apply(variables, x, use_running_average=True, relu=relu)
+    want_y = flax.apply(variables, x, use_running_average=True)
+    np.testing.assert_array_equal(y, nn.relu(want_y) if relu else want_y)
+
+
 @pytest.mark.parametrize("relu,use_scale,team", [(True, True, True), (False, True, True),
                                                    (True, False, False)])
 def test_native_batch_norm_is_flax_batch_norm(relu, use_scale, team, monkeypatch):
@@ -37,26 +85,23 @@ def test_native_batch_norm_is_flax_batch_norm(relu, use_scale, team, monkeypatch
     `team`: two OpenMP threads split the 715 rows (24 channels: not a whole number of
     vector registers), else one."""
     if team:
-        monkeypatch.setattr(batch_norm, "TEAM_ELEMENTS", 0)
+        monkeypatch.setattr(native, "TEAM_ELEMENTS", 0)
         monkeypatch.setenv("OMP_NUM_THREADS", str(2 * jax.local_device_count()))
-        assert onednn.threads() == 2
-    module = layers.BatchNorm(momentum=0.9, epsilon=1e-3, use_scale=use_scale,
-                              name="relu" if relu else "plain")
-    gen = np.random.default_rng(0)
-    x = jnp.asarray(3 * gen.standard_normal((5, 13, 11, 24)) + 1, jnp.float32)
-    probe = jnp.asarray(gen.standard_normal(x.shape), jnp.float32)
-    variables = module.init(jax.random.key(0), x, use_running_average=False)
-    variables = jax.tree.map(  # away from the initial values
-        lambda v: v + jnp.asarray(0.3 * gen.standard_normal(v.shape), v.dtype), variables)
-    got, jaxpr = _batch_norm_step(module, variables, x, probe, "onednn")
-    want, ref_jaxpr = _batch_norm_step(module, variables, x, probe, "cpu")
+        assert native.threads() == 2
+    ops = kernels.resolve("native")
+    kwargs = dict(momentum=0.9, epsilon=1e-3, use_scale=use_scale, name="relu" if relu else "plain")
+    module = layers.BatchNorm(ops=ops, **kwargs)
+    gen, x, probe = _inputs()
+    variables = _perturbed(module.init(jax.random.key(0), x, use_running_average=False), gen)
+    got, jaxpr = _batch_norm_step(module, variables, x, probe)
+    want, ref_jaxpr = _batch_norm_step(nn.BatchNorm(**kwargs), variables, x, probe)
     assert [jaxpr.count(f"inception_flax_bn_{k}") for k in
             ("stats", "apply", "grad_stats", "input_grad")] == [1, 1, 1, 1]
     assert "inception_flax_bn_" not in ref_jaxpr
     _close(got(variables["params"], x), want(variables["params"], x))
     _, bf16_jaxpr = _batch_norm_step(layers.BatchNorm(dtype=jnp.bfloat16, use_scale=use_scale,
-                                                      name="relu"),
-                                     variables, x.astype(jnp.bfloat16), probe, "onednn")
+                                                      ops=ops, name="relu"),
+                                     variables, x.astype(jnp.bfloat16), probe)
     assert "inception_flax_bn_" not in bf16_jaxpr
 
 
@@ -64,35 +109,36 @@ def test_native_batch_norm_synchronised_over_two_devices():
     """With `axis_name`, the statistics and the backward sums cover every device's
     examples (Flax's synchronised BatchNorm), under shard_map as in the train step."""
     assert jax.local_device_count() >= 2
-    mesh = trainer.create_mesh()
-    module = layers.BatchNorm(momentum=0.9, epsilon=1e-3, axis_name=trainer.AXIS, name="relu")
+    mesh = Mesh(np.array(jax.devices()), (AXIS,))
     gen = np.random.default_rng(1)
     x = jnp.asarray(2 * gen.standard_normal((2 * jax.device_count(), 7, 7, 24)) - 1, jnp.float32)
     probe = jnp.asarray(gen.standard_normal(x.shape), jnp.float32)
     variables = layers.BatchNorm(name="relu").init(jax.random.key(0), x,
                                                    use_running_average=False)
 
-    def run(kernels):
+    def run(choice):
+        module = layers.BatchNorm(momentum=0.9, epsilon=1e-3, axis_name=AXIS,
+                                  ops=kernels.resolve(choice), name="relu")
+
         def per_device(params, x, probe):
-            params = jax.lax.pcast(params, trainer.AXIS, to="varying")
+            params = jax.lax.pcast(params, AXIS, to="varying")
             (_, stats), (g_params, g_x) = jax.value_and_grad(
                 lambda p, x: _loss(p, x, probe), argnums=(0, 1), has_aux=True)(params, x)
-            return stats, jax.lax.psum(g_params, trainer.AXIS), g_x
+            return stats, jax.lax.psum(g_params, AXIS), g_x
 
         def _loss(params, x, probe):
-            with layers.kernels(kernels):
-                y, new = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                      x, use_running_average=False, relu=True,
-                                      mutable=["batch_stats"])
+            y, new = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                  x, use_running_average=False, relu=True,
+                                  mutable=["batch_stats"])
             return jnp.sum(y * probe), new["batch_stats"]
         step = jax.jit(jax.shard_map(per_device, mesh=mesh,
-                                     in_specs=(P(), P(trainer.AXIS), P(trainer.AXIS)),
-                                     out_specs=(P(), P(), P(trainer.AXIS))))
-        sharded = NamedSharding(mesh, P(trainer.AXIS))
+                                     in_specs=(P(), P(AXIS), P(AXIS)),
+                                     out_specs=(P(), P(), P(AXIS))))
+        sharded = NamedSharding(mesh, P(AXIS))
         args = (variables["params"], jax.device_put(x, sharded), jax.device_put(probe, sharded))
         return step(*args), step.lower(*args).as_text()
 
-    got, text = run("onednn")
-    want, ref_text = run("cpu")
+    got, text = run("native")
+    want, ref_text = run("plain")
     assert "inception_flax_bn_grad_stats" in text and "inception_flax_bn_" not in ref_text
     _close(got, want)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import cli, measure, ours, overrides, report, run
-from inception_flax import hugepages
+from inception_flax.cpu import process
 
 # One worker runs the module: the end-to-end run (the fixture) happens once.
 pytestmark = pytest.mark.xdist_group("benchmark")
@@ -83,7 +83,7 @@ def test_json_has_every_figure(result):
     assert _positive(r["pipeline"]["images_per_sec"])
     assert r["bound_by"] in ("input pipeline", "train step")
     # The subprocess re-executed itself with huge-page malloc where this machine can use it.
-    assert c["huge_page_malloc"] is (hugepages.environment(_without_tunables()) is not None)
+    assert c["huge_page_malloc"] is (process.environment(_without_tunables()) is not None)
 
 
 def _without_tunables():

@@ -1,47 +1,49 @@
-"""Huge-page malloc for the command-line entry points (inception_flax/hugepages.py)."""
+"""The process settings of the command-line entry points (inception_flax/cpu/process.py):
+huge-page malloc and the XLA flag that keeps convolutions out of YNNPACK."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
-from inception_flax import hugepages
+from inception_flax.cpu import process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUPPORTED = dict(libc=(2, 36), mode="madvise")
 
 
 def test_environment_adds_the_tunable_and_keeps_others():
-    env = hugepages.environment({"PATH": "/bin"}, **SUPPORTED)
+    env = process.environment({"PATH": "/bin"}, **SUPPORTED)
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    env = hugepages.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **SUPPORTED)
+    env = process.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **SUPPORTED)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
 def test_environment_declines_when_nothing_to_gain_or_told_not_to():
-    assert hugepages.environment({"INCEPTION_FLAX_HUGEPAGES": "0"}, **SUPPORTED) is None
-    assert hugepages.environment({"INCEPTION_FLAX_HUGEPAGES": "off"}, **SUPPORTED) is None
+    assert process.environment({"INCEPTION_FLAX_HUGEPAGES": "0"}, **SUPPORTED) is None
+    assert process.environment({"INCEPTION_FLAX_HUGEPAGES": "off"}, **SUPPORTED) is None
     # The user's own value wins, whatever it is.
-    assert hugepages.environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **SUPPORTED) is None
-    assert hugepages.environment({}, libc=(2, 31), mode="madvise") is None  # no such tunable
-    assert hugepages.environment({}, libc=(2, 36), mode="never") is None
-    assert hugepages.environment({"INCEPTION_FLAX_HUGEPAGES": "1"}, **SUPPORTED) is not None
+    assert process.environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **SUPPORTED) is None
+    assert process.environment({}, libc=(2, 31), mode="madvise") is None  # no such tunable
+    assert process.environment({}, libc=(2, 36), mode="never") is None
+    assert process.environment({"INCEPTION_FLAX_HUGEPAGES": "1"}, **SUPPORTED) is not None
 
 
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     path = tmp_path / "enabled"
     path.write_text("always [madvise] never\n")
-    assert hugepages.thp_mode(str(path)) == "madvise"
-    assert hugepages.thp_mode(str(tmp_path / "missing")) is None
+    assert process.thp_mode(str(path)) == "madvise"
+    assert process.thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_reexec_starts_the_command_again_once_with_the_same_arguments(tmp_path):
+def test_prepare_starts_the_command_again_once_with_the_same_arguments(tmp_path):
     script = tmp_path / "entry.py"
     script.write_text(textwrap.dedent("""
         import os, sys
         print("start", sys.argv[1:], flush=True)
-        from inception_flax import hugepages
-        hugepages.reexec()
+        from inception_flax.cpu import process
+        process.prepare()
+        assert "jax" not in sys.modules  # prepare() itself runs without JAX
         print("tunables", os.environ.get("GLIBC_TUNABLES", "-"), flush=True)
     """))
     env = {k: v for k, v in os.environ.items()
@@ -51,7 +53,7 @@ def test_reexec_starts_the_command_again_once_with_the_same_arguments(tmp_path):
                          capture_output=True, text=True, check=True, timeout=60).stdout
     starts = [line for line in out.splitlines() if line.startswith("start")]
     tunables = out.splitlines()[-1]
-    if hugepages.environment(env) is None:  # this machine cannot use it: run as is
+    if process.environment(env) is None:  # this machine cannot use it: run as is
         assert starts == ["start ['a', '--b=c']"] and tunables == "tunables -"
     else:
         assert starts == ["start ['a', '--b=c']"] * 2
@@ -60,3 +62,44 @@ def test_reexec_starts_the_command_again_once_with_the_same_arguments(tmp_path):
     out = subprocess.run([sys.executable, "-u", str(script)], env=env,
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.splitlines() == ["start []", "tunables -"]
+
+
+def test_configure_xla_flags_adds_the_flag_once_and_keeps_the_users():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    process.configure_xla_flags(env, jaxlib_version="0.10.2")
+    assert env["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution")
+    process.configure_xla_flags(env, jaxlib_version="0.10.2")  # already there: unchanged
+    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+    users = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=all"}
+    process.configure_xla_flags(users, jaxlib_version="0.10.2")
+    assert users == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=all"}
+    unchecked = {}  # XLA refuses flags it does not know: only for checked releases
+    process.configure_xla_flags(unchecked, jaxlib_version="0.9.0")
+    assert unchecked == {}
+
+
+def test_configure_xla_flags_keeps_convolutions_out_of_ynnpack():
+    """XLA:CPU's YNNPACK convolutions are several times slower than its own here. In a
+    fresh process: with the flag, set before JAX starts, a convolution stays XLA's;
+    without it, YNNPACK takes it."""
+    script = textwrap.dedent("""
+        import os, sys
+        from inception_flax.cpu import process
+        if sys.argv[1] == "configure":
+            process.configure_xla_flags()
+        import jax, jax.numpy as jnp
+        x, w = jnp.ones((2, 35, 35, 64)), jnp.ones((3, 3, 64, 64))
+        hlo = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(
+            x, w).compile().as_text()
+        print(" convolution(" in hlo, "__ynn_fusion" in hlo)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT
+
+    def run(how):
+        return subprocess.run([sys.executable, "-c", script, how], env=env, capture_output=True,
+                              text=True, check=True, timeout=300).stdout.split()
+    assert run("configure") == ["True", "False"]
+    assert run("leave") == ["True", "True"]

@@ -1,5 +1,6 @@
 """The model zoo matches its references: parameters, multiply-adds, shapes, training."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -10,12 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from inception_flax import batch_norm, models, onednn
+from inception_flax import kernels, models
 from inception_flax.models import __main__ as models_cli
-from inception_flax.models import layers
 from inception_flax.models.inception_resnet import Block35
-from inception_flax.models.layers import (
-    NHWC, Common, ConvBN, avg_pool, conv_nhwc, max_pool, max_pool_ceil, stack)
+from inception_flax.models.layers import Common, InceptionNet
+from inception_flax.models.ops import PLAIN
 from inception_flax.models.summary import summarize
 from tests.helpers import random_variables
 
@@ -131,11 +131,10 @@ def test_auxiliary_heads_do_not_run_at_inference():
     images = jnp.zeros((1, 64, 64, 3))
     logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     assert models.aux_logits_of(state) == ()
-    with layers.kernels("cpu"):  # XLA's convolution primitives, to count
-        jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
-        with_aux = jax.make_jaxpr(lambda v: model.apply(
-            v, images, train=True, mutable=["batch_stats", "intermediates"],
-            rngs={"dropout": jax.random.key(0)}))(variables)
+    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
+    with_aux = jax.make_jaxpr(lambda v: model.apply(
+        v, images, train=True, mutable=["batch_stats", "intermediates"],
+        rngs={"dropout": jax.random.key(0)}))(variables)
     assert jaxpr.count("conv_general_dilated") < str(with_aux).count("conv_general_dilated")
 
 
@@ -184,199 +183,33 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert "bf16" in jaxpr
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "onednn"])
-@pytest.mark.parametrize("kernel,padding", [
-    ((1, 1), "SAME"), ((3, 3), "SAME"), ((1, 7), "SAME"), ((3, 1), ((1, 0), (0, 0))),
-    ((3, 3), "VALID")])
-def test_conv_nhwc_gradients_equal_lax(kernel, padding, kernels, monkeypatch):
-    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", kernels)
-    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
-    w = jax.random.normal(jax.random.key(1), (*kernel, 5, 4))
-    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
-
-    def loss(conv):
-        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, dimension_numbers=dn)))
-    ours = jax.grad(loss(conv_nhwc), (0, 1))(x, w)
-    ref = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kernels", ["cpu", "onednn"])
-@pytest.mark.parametrize("kernel,strides,padding", [
-    ((3, 3), (2, 2), "VALID"), ((3, 3), (2, 2), "SAME"), ((1, 1), (2, 2), "VALID"),
-    ((7, 1), (2, 3), "SAME"), ((3, 3), (3, 3), ((0, 1), (2, 0))), ((5, 5), (2, 2), "VALID")])
-def test_strided_conv_gradients_equal_lax_without_dilated_input(kernel, strides, padding,
-                                                                kernels, monkeypatch):
-    """Strided convolutions: the input gradient (by phases, or oneDNN's) equals JAX's,
-    and its compiled form has no lhs-dilated (zero-spread) convolution left."""
-    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", kernels)
-    x = jax.random.normal(jax.random.key(0), (2, 13, 12, 5))
-    w = jax.random.normal(jax.random.key(1), (*kernel, 5, 4))
-    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
-
-    def loss(conv):
-        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=dn)))
-    ours = jax.grad(loss(conv_nhwc), (0, 1))(x, w)
-    ref = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
-    for a, b in zip(ours, ref):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-    def dilated(conv):  # XLA names the zero-spread convolution, or shows its lhs_dilate
-        hlo = jax.jit(jax.grad(loss(conv))).lower(x, w).compile().as_text()
-        return "lhs_dilate" in hlo or "base-dilated" in hlo
-    assert dilated(jax.lax.conv_general_dilated) and not dilated(conv_nhwc)
-
-
-@pytest.mark.parametrize("kernels,team", [("onednn", False), ("onednn", True), ("cpu", False)])
-@pytest.mark.parametrize("k,s,padding", [(3, 2, "VALID"), (3, 1, "SAME"), (3, 2, ((0, 1), (1, 1)))])
-def test_max_pool_gradient_equals_select_and_scatter_including_ties(k, s, padding, kernels, team,
-                                                                    monkeypatch):
-    """The CPU forms of the max pool: the native kernels (`inception_flax.max_pool`, one
-    FFI call forward and one backward; `team`: two OpenMP threads split the rows and the
-    images) and `layers._max_pool` (elementwise, no scatter). Both route each output's
-    gradient to the first maximum of its window, as `select_and_scatter` does."""
-    if team:
-        monkeypatch.setattr(batch_norm, "TEAM_ELEMENTS", 0)
-        monkeypatch.setenv("OMP_NUM_THREADS", str(2 * jax.local_device_count()))
-    x = jax.random.normal(jax.random.key(0), (3, 13, 12, 5))
-    x = jnp.maximum(jnp.round(x), 0.0)  # many ties, as after a ReLU
-    ref_y, ref_vjp = jax.vjp(lambda x: nn.max_pool(x, (k, k), (s, s), padding=padding), x)
-    with layers.kernels(kernels):
-        y, vjp = jax.vjp(lambda x: max_pool(x, k, s, padding), x)
-        jaxpr = str(jax.make_jaxpr(lambda x, g: jax.vjp(lambda x: max_pool(x, k, s, padding),
-                                                        x)[1](g))(x, y))
-        bf16 = str(jax.make_jaxpr(lambda x: max_pool(x, k, s, padding))(x.astype(jnp.bfloat16)))
-    # Whole numbers: the sums of overlapping windows' gradients are exact in any order.
-    g = jnp.round(4 * jax.random.normal(jax.random.key(1), y.shape))
-    np.testing.assert_array_equal(y, ref_y)
-    np.testing.assert_array_equal(vjp(g)[0], ref_vjp(g)[0])
-    assert " scatter(" not in jax.jit(vjp).lower(g).compile().as_text()
-    native = 1 if kernels == "onednn" else 0
-    grads = jaxpr.count("inception_flax_max_pool_grad")
-    assert (jaxpr.count("inception_flax_max_pool") - grads, grads) == (native, native)
-    assert "inception_flax_max_pool" not in bf16
-
-
 def test_ceil_mode_max_pool_keeps_its_output_size():
     x = jax.random.normal(jax.random.key(0), (1, 112, 112, 2))
-    assert max_pool_ceil(x, 3, 2).shape == (1, 56, 56, 2)  # floor mode would give 55
+    assert Common().max_pool_ceil(3, 2)(x).shape == (1, 56, 56, 2)  # floor mode would give 55
 
 
-@pytest.mark.parametrize("include_pad", [False, True])
-def test_avg_pool_and_its_gradient_equal_flax(include_pad):
-    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
-
-    def loss(pool):
-        return lambda x: jnp.sum(jnp.sin(pool(x)))
-
-    def ours(x):
-        return avg_pool(x, 3, count_include_pad=include_pad)
-
-    def ref(x):
-        return nn.avg_pool(x, (3, 3), padding=((1, 1), (1, 1)), count_include_pad=include_pad)
-    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(ref))(x),
-                               rtol=1e-6, atol=1e-6)
+def test_create_model_runs_the_ops_it_is_given():
+    """`ops` reaches every layer through `Common`; it is not a configuration override."""
+    ops = kernels.resolve("xla_cpu")
+    model = models.create_model("inception_v3", num_classes=3, depth_multiplier=0.25, ops=ops)
+    assert model.common.ops is ops and models.create_model("inception_v3").common.ops is PLAIN
+    assert "ops" not in models.override_names("inception_v3")
+    with pytest.raises(ValueError, match="no option ops"):
+        models.check_overrides("inception_v3", {"ops": ops})
+    images = jnp.zeros((1, 75, 75, 3))
+    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(
+        v, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}))(
+            random_variables(model, 75)))
+    assert "custom_vjp" in jaxpr
 
 
-@pytest.mark.parametrize("k,s,hw", [(5, 3, (17, 17)), (5, 3, (14, 16)), (3, 2, (9, 8))])
-def test_valid_avg_pool_and_its_gradient_equal_flax(k, s, hw):
-    """The auxiliary heads' pool (5x5, stride 3) as strided views: same values and
-    gradient as `nn.avg_pool`, and no reduce-window left in the compiled gradient."""
-    x = jax.random.normal(jax.random.key(0), (2, *hw, 3))
-
-    def loss(pool):
-        return lambda x: jnp.sum(jnp.sin(pool(x)))
-
-    def ours(x):
-        return avg_pool(x, k, s, padding="VALID")
-
-    def ref(x):
-        return nn.avg_pool(x, (k, k), (s, s), padding="VALID")
-    assert ours(x).shape == ref(x).shape
-    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(ref))(x),
-                               rtol=1e-6, atol=1e-6)
-    assert "reduce-window" not in jax.jit(jax.grad(loss(ours))).lower(x).compile().as_text()
-
-
-def test_importing_the_package_keeps_convolutions_out_of_ynnpack():
-    """XLA:CPU's YNNPACK convolutions are several times slower than its own here."""
-    import os
-    assert "xla_cpu_experimental_ynn_fusion_type" in os.environ["XLA_FLAGS"]
-    x, w = jnp.ones((1, 9, 9, 8)), jnp.ones((3, 3, 8, 8))
-    hlo = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=NHWC)).lower(x, w).compile().as_text()
-    assert " convolution(" in hlo and "__ynn_fusion" not in hlo
-
-
-class _ConvsAndPools(nn.Module):
-    @nn.compact
-    def __call__(self, x, train):
-        x = ConvBN(6, 3, name="a")(x, train)
-        x = ConvBN(6, 3, strides=2, padding="VALID", name="b")(x, train)
-        x = max_pool(x, 3, 2) + avg_pool(x, 3, 2, padding="VALID")
-        return ConvBN(4, 1, name="c")(avg_pool(x, 3) + max_pool(x, 3, 1, "SAME"), train)
-
-
-def test_kernel_choice_gives_the_same_network(monkeypatch):
-    """INCEPTION_FLAX_KERNELS=xla (the default off the CPU) runs the plain lax / Flax
-    convolutions and pools; the CPU forms are custom VJPs. Same values, same gradients."""
-    model = _ConvsAndPools()
-    x = jax.random.normal(jax.random.key(0), (2, 15, 14, 3))
-    variables = model.init(jax.random.key(1), x, False)
-
-    def loss(params):
-        y, _ = model.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
-        return jnp.sum(jnp.sin(y))
-
-    def run(kernels):
-        monkeypatch.setenv("INCEPTION_FLAX_KERNELS", kernels)
-        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
-        ffi = (jaxpr.count("inception_flax_conv_"), jaxpr.count("inception_flax_bn_"),
-               jaxpr.count("inception_flax_max_pool"))
-        return jax.value_and_grad(loss)(variables["params"]), "custom_vjp" in jaxpr, ffi
-    (value, grads), custom, _ = run("xla")
-    (ref_value, ref_grads), ref_custom, ref_ffi = run("cpu")
-    assert not custom and ref_custom and ref_ffi == (0, 0, 0)
-    (dnn_value, dnn_grads), _, ffi = run("onednn")
-    # Three convolutions, each forward and both gradients; three BatchNorms, each
-    # statistics and output forward, sums and input gradient backward; two max pools,
-    # each forward and backward.
-    assert ffi == (3 * 3, 3 * 4, 2 * 2)
-    for v, g in ((value, grads), (dnn_value, dnn_grads)):
-        np.testing.assert_allclose(v, ref_value, rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_grads)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1, np.abs(b).max()))
-
-
-def test_unknown_kernel_choice_is_named(monkeypatch):
-    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "gpu")
-    with pytest.raises(ValueError, match="INCEPTION_FLAX_KERNELS='gpu'.*auto, onednn, cpu, xla"):
-        max_pool(jnp.ones((1, 5, 5, 1)), 3, 2)
-
-
-def test_onednn_that_cannot_be_built_is_one_line_or_a_fallback(monkeypatch, tmp_path, caplog):
-    """No compiler: INCEPTION_FLAX_KERNELS=onednn names the reason and the way out;
-    "auto" warns and traces XLA's convolutions instead."""
-    monkeypatch.setattr(onednn, "_state", {})
-    monkeypatch.setenv("INCEPTION_FLAX_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "onednn")
-    with pytest.raises(ValueError, match=r"onednn: no C\+\+ compiler 'no-such-compiler'.*"
-                                         "INCEPTION_FLAX_KERNELS=cpu"):
-        layers.kernel_choice()
-    monkeypatch.setenv("INCEPTION_FLAX_KERNELS", "auto")
-    layers._warn_once.cache_clear()
-    x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2))
-    with caplog.at_level("WARNING"):
-        jaxpr = str(jax.make_jaxpr(
-            lambda x, w: conv_nhwc(x, w, (1, 1), "SAME", dimension_numbers=NHWC))(x, w))
-    assert "inception_flax_conv_" not in jaxpr and "conv_general_dilated" in jaxpr
-    assert "native CPU kernels are unavailable (no C++ compiler" in caplog.text
-    assert not list(tmp_path.iterdir())  # nothing half-built left behind
+def test_inception_net_declares_what_common_declares():
+    """Each shared knob is a network field with `Common`'s default, and reaches `common`."""
+    net = {f.name: f for f in dataclasses.fields(InceptionNet)}
+    for f in dataclasses.fields(Common):
+        assert f.name in net and net[f.name].default == f.default, f.name
+    model = models.create_model("inception_v3", bn_epsilon=0.5, min_depth=3)
+    assert (model.common.bn_epsilon, model.common.min_depth) == (0.5, 3)
 
 
 class _TwoConvBN(nn.Module):
@@ -444,9 +277,7 @@ def test_merged_pointwise_branches_are_the_same_network():
             y, new = block.apply({**variables, "params": params}, x, True,
                                  mutable=["batch_stats"])
             return jnp.sum(y * probe[..., :y.shape[-1]]), new
-        with layers.kernels("cpu"):  # XLA's convolution primitives, to count
-            jaxpr = jax.make_jaxpr(loss)(variables["params"])
-        convs = str(jaxpr).count("conv_general_dilated[")
+        convs = str(jax.make_jaxpr(loss)(variables["params"])).count("conv_general_dilated[")
         (value, new), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
         return variables, convs, value, grads, new
 
@@ -459,28 +290,6 @@ def test_merged_pointwise_branches_are_the_same_network():
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((ref_grads, ref_stats))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-class _Conv3(nn.Module):
-    @nn.compact
-    def __call__(self, x, train):
-        return ConvBN(x.shape[-1], (1, 3), name="c")(x, train), None
-
-
-def test_rolled_scan_gradient_has_only_canonical_convolutions():
-    """XLA:CPU runs non-canonical convolutions inside loops as naive loop nests."""
-    block = stack(_Conv3, 3, unroll=1, name="s")
-    x = jnp.ones((2, 6, 6, 8))
-    variables = block.init(jax.random.key(0), x, False)
-
-    def loss(params):
-        y, _ = block.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
-        return jnp.sum(y[0] ** 2)
-    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
-    assert " while(" in hlo
-    labels = {line.split("dim_labels=")[1].split(",")[0]
-              for line in hlo.splitlines() if " convolution(" in line}
-    assert labels <= {"b01f_01io->b01f"}, labels
 
 
 def test_depth_multiplier_and_bn_options():

@@ -1,17 +1,20 @@
-"""The Inception model zoo: `create_model(name, **overrides)`.
+"""The Inception model zoo: `create_model(name, *, ops=PLAIN, **overrides)`.
 
 Every network is a Flax Linen module called as `model.apply(variables, images,
 train=...)` on NHWC images in [-1, 1]. Auxiliary logits, when `aux_logits=True`,
 are sown in training into the `intermediates` collection as
 `intermediates["aux_logits"]`, a tuple with one entry per head (two for
 GoogLeNet); `aux_logits_of` reads them back. At inference the heads do not run.
+
+`ops` (`inception_flax.models.ops.Ops`) is the set of operations the layers run:
+plain `lax` / Flax by default; `inception_flax.kernels.resolve` picks a faster set
+for the machine. It changes how a network computes, not what.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping, NamedTuple
-
 
 from inception_flax.models.bn_inception import BNInception
 from inception_flax.models.inception_resnet import (
@@ -20,6 +23,7 @@ from inception_flax.models.inception_v1 import LAYOUTS, GoogLeNet
 from inception_flax.models.inception_v3 import InceptionV2, InceptionV3
 from inception_flax.models.inception_v4 import InceptionV4
 from inception_flax.models.layers import InceptionNet
+from inception_flax.models.ops import PLAIN, Ops
 
 
 class Spec(NamedTuple):
@@ -57,9 +61,10 @@ def min_image_size(name: str) -> int:
 
 
 def override_names(name: str) -> list[str]:
-    """The constructor fields `create_model(name, ...)` accepts."""
+    """The constructor fields `create_model(name, ...)` accepts as overrides (the
+    network's configuration: not `ops`, which is how it runs)."""
     return [f.name for f in dataclasses.fields(spec(name).cls)
-            if f.init and f.name not in ("parent", "name")]
+            if f.init and f.name not in ("parent", "name", "ops")]
 
 
 def check_overrides(name: str, overrides: Mapping[str, Any]) -> None:
@@ -83,11 +88,12 @@ def check_overrides(name: str, overrides: Mapping[str, Any]) -> None:
         raise ValueError("depth_multiplier must be positive")
 
 
-def create_model(name: str, **overrides: Any) -> InceptionNet:
-    """The Flax module for `name` with constructor `overrides` (e.g. num_classes=10)."""
+def create_model(name: str, *, ops: Ops = PLAIN, **overrides: Any) -> InceptionNet:
+    """The Flax module for `name` with constructor `overrides` (e.g. num_classes=10),
+    running `ops`."""
     name = canonical_name(name)
     check_overrides(name, overrides)
-    return MODELS[name].cls(**overrides)
+    return MODELS[name].cls(ops=ops, **overrides)
 
 
 def aux_logits_of(state: Mapping[str, Any]) -> tuple:
@@ -95,5 +101,5 @@ def aux_logits_of(state: Mapping[str, Any]) -> tuple:
     return tuple(state.get("intermediates", {}).get("aux_logits", ()))
 
 
-__all__ = ["MODELS", "ALIASES", "create_model", "canonical_name", "min_image_size",
+__all__ = ["MODELS", "ALIASES", "PLAIN", "Ops", "create_model", "canonical_name", "min_image_size",
            "aux_logits_of", "override_names", "spec"]

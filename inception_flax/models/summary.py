@@ -19,8 +19,8 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from inception_flax.models import layers
 from inception_flax.models.layers import InceptionNet
+from inception_flax.models.ops import PLAIN
 
 
 class Summary(NamedTuple):
@@ -94,7 +94,11 @@ def walk_ops(jaxpr: jcore.Jaxpr, prefix: str = "", mult: int = 1):
 
 
 def forward_jaxpr(model: InceptionNet, image_size: int, batch: int = 1, capture=None):
-    """The jaxpr of a forward pass (train mode when the model has aux heads), with its inputs."""
+    """The jaxpr of a forward pass (train mode when the model has aux heads), with its inputs.
+
+    The model runs plain ops here whatever its own: XLA's convolution primitives (no
+    custom gradients, no opaque native calls) are what the counts read."""
+    model = model.clone(ops=PLAIN)
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(
         lambda x: model.init(jax.random.key(0), x, train=False), images)
@@ -105,9 +109,7 @@ def forward_jaxpr(model: InceptionNet, image_size: int, batch: int = 1, capture=
             v, x, train=train, mutable=["batch_stats", "intermediates"],
             rngs={"dropout": jax.random.key(0)}, capture_intermediates=capture or False)
 
-    # XLA's convolution primitives (not oneDNN's opaque calls), for the counts.
-    with layers.kernels("cpu"):
-        jaxpr = jax.make_jaxpr(forward)(variables, images)
+    jaxpr = jax.make_jaxpr(forward)(variables, images)
     return jaxpr, forward, variables, images
 
 

@@ -21,6 +21,7 @@ import optax
 from inception_flax import checkpoint as ckpt_lib
 from inception_flax import kernels, models, optim, pretrained
 from inception_flax.data.info import DataInfo, data_info
+from inception_flax.models.ops import PLAIN, Ops
 from inception_flax.training import checks
 from inception_flax.training.checks import ConfigError
 from inception_flax.training.mesh import create_mesh
@@ -57,13 +58,11 @@ def run_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[st
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 ops: Any = None) -> models.InceptionNet:
-    """The configured network with `num_classes` outputs, on `ops` (default: the model's)."""
-    overrides = checks.model_overrides(config, num_classes)
-    if ops is not None:
-        overrides["ops"] = ops
+                 ops: Ops = PLAIN) -> models.InceptionNet:
+    """The configured network with `num_classes` outputs, computed with `ops`."""
     try:
-        return models.create_model(config.model.name, **overrides)
+        return models.create_model(config.model.name, ops=ops,
+                                   **checks.model_overrides(config, num_classes))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 

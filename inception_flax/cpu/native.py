@@ -1,34 +1,28 @@
-"""Convolutions through oneDNN on the CPU, as XLA FFI calls.
+"""The native CPU kernels: C++ sources built once into one library, loaded, called.
 
-XLA:CPU runs convolutions with Eigen's kernels; PyTorch's CPU convolutions are
-oneDNN's. Timed one by one on the 2-core machine of README's CPU table (ad hoc,
-each distinct convolution of Inception v3 at batch 16, forward and backward),
-Eigen's are slower on most Inception layers, the gradients above all: the stem's
-16x147x147x32 -> 64 backward pass took 204 against 132 ms through oneDNN, and all
-of v3's convolutions 3.85 against 3.19 s per train step.
+`native/onednn_conv.cc` wraps oneDNN's forward, input-gradient and kernel-gradient
+convolutions (float32, NHWC activations, HWIO kernels) as XLA FFI handlers;
+`native/batch_norm.cc` holds the training BatchNorm's (`cpu.batch_norm`) and
+`native/max_pool.cc` the max pool's (`cpu.max_pool`). `load` compiles them into one
+library with the C++ compiler (`CXX`, else `g++`) against the oneDNN wheels pinned in
+requirements.txt (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) and jaxlib's FFI
+headers, keeps it under `$INCEPTION_FLAX_CACHE` (default `~/.cache/inception_flax`,
+keyed by the sources, the compiler and the library paths), logs that it builds and
+where, and registers the handlers with XLA. It runs when it is asked to (by
+`cpu.native_ops()`, or `python -m inception_flax.cpu build` ahead of time), never
+while a network is traced. `call` is the one way the wrappers reach a handler.
 
-`native/onednn_conv.cc` wraps oneDNN's forward, input-gradient and
-kernel-gradient convolutions (float32, NHWC activations, HWIO kernels) as XLA
-FFI handlers; `native/batch_norm.cc` holds the training BatchNorm's handlers
-(`inception_flax.batch_norm`) and `native/max_pool.cc` the max pool's
-(`inception_flax.max_pool`). This module compiles them into one library on
-first use with the C++ compiler (`CXX`, else `g++`) against the oneDNN wheels
-pinned in requirements.txt (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) and
-jaxlib's FFI headers, keeps it under `$INCEPTION_FLAX_CACHE` (default
-`~/.cache/inception_flax`, keyed by the sources, the compiler and the library
-paths), and registers the handlers with XLA. `conv` is the convolution with both
-gradients through them.
-
-`layers.conv_nhwc`, `layers.BatchNorm` and `layers.max_pool` use them on the
-CPU when they can be built (`INCEPTION_FLAX_KERNELS=auto`, the default) or
-always (`=onednn`, an error when they cannot); `=cpu` keeps XLA's own
-convolutions and pools and Flax's BatchNorm.
+Why oneDNN: XLA:CPU runs convolutions with Eigen's kernels, PyTorch's CPU convolutions
+are oneDNN's. Timed one by one on the 2-core machine of docs/performance.md (each
+distinct convolution of Inception v3 at batch 16, forward and backward), Eigen's are
+slower on most Inception layers, the gradients above all: the stem's 16x147x147x32 ->
+64 backward pass took 204 against 132 ms through oneDNN, and all of v3's convolutions
+3.85 against 3.19 s per train step.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import importlib.metadata
 import os
@@ -40,6 +34,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 NATIVE = Path(__file__).parent / "native"
 SOURCES = tuple(NATIVE / name for name in ("onednn_conv.cc", "batch_norm.cc", "max_pool.cc"))
@@ -59,7 +54,7 @@ FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC
 
 
 class Unavailable(RuntimeError):
-    """oneDNN convolutions cannot be built or loaded here (the message says why)."""
+    """The native kernels cannot be built or loaded here (the message says why)."""
 
 
 def _installed_file(dist: str, suffix: str) -> Path:
@@ -99,14 +94,18 @@ def build_command(output: Path) -> list[str]:
             str(library), f"-Wl,-rpath,{library.parent}", "-lgomp"]
 
 
-def library_path() -> Path:
-    """The built library, building it first when the cache has none for these sources."""
+def library_path() -> tuple[Path, bool]:
+    """The library for these sources in the cache, and whether it is there already."""
     probe = build_command(Path("OUT"))
     key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + INCLUDES)
                          + "\0".join(probe).encode()).hexdigest()[:16]
     target = cache_dir() / f"native-{key}.so"
-    if target.exists():
-        return target
+    return target, target.exists()
+
+
+def build(target: Path) -> None:
+    """Compile the sources into `target` (raises `Unavailable` with the compiler's first
+    error line)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: processes building at once each finish whole.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -122,20 +121,26 @@ def library_path() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 _state: dict[str, Any] = {}
 
 
-def load() -> None:
-    """Build (once), load and register the handlers; raises `Unavailable` with the reason."""
+def load() -> Path:
+    """Build (when the cache has no library for these sources; logged), load and
+    register the handlers, once per process: the library's path. Raises `Unavailable`
+    with the reason, the same one on every later call."""
     if "error" in _state:
         raise Unavailable(_state["error"])
-    if "lib" in _state:
-        return
+    if "path" in _state:
+        return _state["path"]
     try:
-        lib = ctypes.CDLL(str(library_path()))
+        path, cached = library_path()
+        if not cached:
+            logging.info("building the native CPU kernels (%s) into %s",
+                         ", ".join(s.name for s in SOURCES), path)
+            build(path)
+        lib = ctypes.CDLL(str(path))
         for symbol in TARGETS:
             jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
@@ -145,19 +150,9 @@ def load() -> None:
     except (OSError, AttributeError, subprocess.SubprocessError) as e:
         _state["error"] = f"loading the native CPU kernels failed: {e}"
         raise Unavailable(_state["error"]) from None
-    _state["lib"] = lib
-
-
-def available() -> bool:
-    try:
-        load()
-    except Unavailable:
-        return False
-    return True
-
-
-def unavailable_reason() -> str | None:
-    return None if available() else _state["error"]
+    logging.info("native CPU kernels loaded from %s", path)
+    _state.update(lib=lib, path=path)
+    return path
 
 
 def threads() -> int:
@@ -178,56 +173,29 @@ def threads() -> int:
     return max(1, cpus // max(1, jax.local_device_count()))
 
 
-def _call(target: str, like: jax.Array, shape: tuple[int, ...], *args, strides, padding):
-    (pt, pb), (pl, pr) = padding
-    attrs = {"sh": strides[0], "sw": strides[1], "pt": pt, "pb": pb, "pl": pl, "pr": pr,
-             "threads": threads()}
-    attrs = {k: np.int64(v) for k, v in attrs.items()}
-    # The result varies over the same manual (shard_map) axes as `like`.
-    out = jax.typeof(like).update(shape=shape, weak_type=False)
-    return jax.ffi.ffi_call(CONV.format(target), out)(*args, **attrs)
+# Elementwise maps (BatchNorm, max pool) smaller than this run on one thread. XLA:CPU
+# runs independent operations (the branches of a block) at the same time, and two teams
+# of threads started at once oversubscribe the cores. In-process A/B of the train step
+# (ad hoc, this 2-core machine), teams for every map / from 2^18 elements / from 2^20 /
+# never: the quickstart's Inception-ResNet v2 (quarter width, 75 px, batch 32) took 191 /
+# 178 / 169 / 172 ms, Inception v3 at 299 px, batch 16, 3,721 / 3,700 / 3,664 / 3,714 ms.
+TEAM_ELEMENTS = 1 << 20
 
 
-def varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
-    """`x` made to vary over the manual (shard_map) axes `like` varies over (a replicated
-    parameter beside per-device activations), as JAX does for its own operations, so that
-    a custom VJP gives its gradient the parameter's type (the cast's transpose sums over
-    the devices)."""
-    extra = tuple(jax.typeof(like).manual_axis_type.varying
-                  - jax.typeof(x).manual_axis_type.varying)
-    return jax.lax.pcast(x, extra, to="varying") if extra else x
+def team_threads(size: int) -> int:
+    """OpenMP threads for an elementwise kernel over `size` elements."""
+    return threads() if size >= TEAM_ELEMENTS else 1
 
 
-def output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
-    spatial = [(x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1 for i in (0, 1)]
-    return (x_shape[0], *spatial, w_shape[3])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
-         padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """`lax.conv_general_dilated(x, w, strides, padding)` for float32 NHWC / HWIO,
-    undilated, ungrouped, with non-negative padding, through oneDNN."""
-    load()
-    return _call("forward", x, output_shape(x.shape, w.shape, strides, padding), x, w,
-                 strides=strides, padding=padding)
-
-
-def _conv_fwd(x, w, strides, padding):
-    return conv(x, w, strides, padding), (x, w)
-
-
-def _conv_bwd(strides, padding, res, g):
-    x, w = res
-    dx = _call("input_grad", x, x.shape, g, w, strides=strides, padding=padding)
-    dw = _call("kernel_grad", w, w.shape, x, g, strides=strides, padding=padding)
-    return dx, dw
-
-
-conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-def supports(x: jax.Array, w: jax.Array, padding) -> bool:
-    """Whether `conv` takes these operands (float32, non-negative padding)."""
-    return (x.dtype == np.float32 and w.dtype == np.float32 and x.ndim == 4 and w.ndim == 4
-            and all(lo >= 0 and hi >= 0 for lo, hi in padding))
+def call(target: str, like: jax.Array, results, *args, **attrs):
+    """Call the handler `target` on `args`: one result per (shape, dtype) of `results`,
+    each varying over the manual (shard_map) axes `like` varies over; integer attributes
+    go as int64, as the handlers declare them."""
+    if "path" not in _state:
+        raise RuntimeError(f"{target}: the native CPU kernels are not loaded; load them "
+                           f"before tracing (inception_flax.cpu.native_ops())")
+    types = [jax.typeof(like).update(shape=tuple(shape), dtype=dtype, weak_type=False)
+             for shape, dtype in results]
+    attrs = {k: np.int64(v) if isinstance(v, int) and not isinstance(v, bool) else v
+             for k, v in attrs.items()}
+    return jax.ffi.ffi_call(target, types)(*args, **attrs)

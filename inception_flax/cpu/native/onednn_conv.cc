@@ -5,7 +5,7 @@
 //   inception_flax_conv_input_grad   (dy, w) -> dx
 //   inception_flax_conv_kernel_grad  (x, dy) -> dw
 // with the strides and the four paddings as attributes, and `threads`, the
-// OpenMP threads one call may use. inception_flax/onednn.py builds this file
+// OpenMP threads one call may use. inception_flax/cpu/native.py builds this file
 // and registers the handlers; see there for why.
 //
 // oneDNN keeps the activations in NHWC (what XLA hands over, no copy) and picks

@@ -1,11 +1,11 @@
-"""BatchNorm with an optional ReLU, for training on the CPU through native kernels.
+"""Training BatchNorm with an optional ReLU on the CPU, through native kernels.
 
 Written with `nn.BatchNorm` and `nn.relu`, a training step's BatchNorm costs XLA:CPU
 about a dozen passes over each activation: the two sums of the statistics apart, the
 centred input kept for the backward pass, the ReLU's mask, and four more sums and
 products backward. `train` does the same computation in four passes, each through
-one of the handlers of `native/batch_norm.cc` (built and loaded with the convolutions,
-see `inception_flax.onednn`):
+one of the handlers of `native/batch_norm.cc` (built and loaded with the others, see
+`cpu.native`):
 
 - forward: the per-channel sums of `y` and `y^2` (one read), then
   `out = relu(y * a + b)` with `a = scale / sqrt(var + eps)` and `b = bias - mean * a`
@@ -19,6 +19,8 @@ BatchNorm + ReLU took 15 ms against 38 ms through `nn.BatchNorm`.
 
 The statistics are Flax's: the batch mean and the biased variance `E[y^2] - E[y]^2`,
 across the devices of `axis_name` when it is given (synchronised BatchNorm).
+`batch_norm` fills `Ops.batch_norm` in `cpu.native_ops()`; it hands what the kernels
+do not take (not float32, or a compute dtype other than the input's) to Flax's maths.
 """
 
 from __future__ import annotations
@@ -30,35 +32,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from inception_flax import onednn
+from inception_flax.cpu import forms, native
+from inception_flax.models import ops as plain
 
 
-def supports(x: jax.Array) -> bool:
-    """Whether `train` takes `x`: float32 with the channels last."""
-    return x.dtype == np.float32 and x.ndim >= 2
+def supports(x: jax.Array, dtype=None) -> bool:
+    """Whether `train` takes `x` (channels last) computed in `dtype`: float32 both."""
+    return x.dtype == np.float32 and x.ndim >= 2 and jnp.dtype(dtype or x.dtype) == x.dtype
 
 
-# Maps smaller than this run on one thread. XLA:CPU runs independent operations (the
-# branches of a block) at the same time, and two teams of threads started at once
-# oversubscribe the cores. In-process A/B of the train step (ad hoc, this 2-core
-# machine), teams for every map / from 2^18 elements / from 2^20 / never: the
-# quickstart's Inception-ResNet v2 (quarter width, 75 px, batch 32) took 191 / 178 /
-# 169 / 172 ms, Inception v3 at 299 px, batch 16, 3,721 / 3,700 / 3,664 / 3,714 ms.
-TEAM_ELEMENTS = 1 << 20
-
-
-def team_threads(size: int) -> int:
-    """OpenMP threads for an elementwise native kernel over `size` elements (also the
-    max pools' of `inception_flax.max_pool`)."""
-    return onednn.threads() if size >= TEAM_ELEMENTS else 1
-
-
-def _call(name: str, like: jax.Array, shape: tuple[int, ...], *args, **attrs):
-    # The result varies over the same manual (shard_map) axes as `like`.
-    out = jax.typeof(like).update(shape=shape, dtype=jnp.float32, weak_type=False)
-    threads = team_threads(like.size)
-    return jax.ffi.ffi_call(onednn.BATCH_NORM.format(name), out)(
-        *args, threads=np.int64(threads), **attrs)
+def _call(name: str, like: jax.Array, shape: tuple[int, ...], *args, **attrs) -> jax.Array:
+    (out,) = native.call(native.BATCH_NORM.format(name), like, [(shape, jnp.float32)], *args,
+                         threads=native.team_threads(like.size), **attrs)
+    return out
 
 
 def _total(y: jax.Array, sums: jax.Array, axis_name: str | None):
@@ -80,7 +66,6 @@ def train(y: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu:
 
 
 def _train_fwd(y, scale, bias, epsilon, relu, axis_name):
-    onednn.load()
     c = y.shape[-1]
     sums, n = _total(y, _call("stats", y, (2, c), y), axis_name)
     mean = sums[0] / n
@@ -110,3 +95,18 @@ def _train_bwd(epsilon, relu, axis_name, res, cotangents):
 
 
 train.defvjp(_train_fwd, _train_bwd)
+
+
+def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
+               epsilon: float, axis_name: str | None = None, relu: bool = False,
+               dtype=None, remat: bool = False):
+    """`Ops.batch_norm`: `train` where `supports`, else Flax's maths. `remat` changes
+    nothing here: `train` keeps only `x` and per-channel vectors already."""
+    if not supports(x, dtype):
+        return plain.batch_norm(x, scale, bias, epsilon=epsilon, axis_name=axis_name, relu=relu,
+                                dtype=dtype, remat=remat)
+    features = x.shape[-1:]
+    scale = jnp.ones(features, jnp.float32) if scale is None else scale
+    bias = jnp.zeros(features, jnp.float32) if bias is None else bias
+    scale, bias = (forms.varying_like(jnp.asarray(v, jnp.float32), x) for v in (scale, bias))
+    return train(x, scale, bias, epsilon, relu, axis_name)

@@ -8,7 +8,7 @@
 //   inception_flax_max_pool_grad  (g, which) -> dx          (N, H, W, C) float32
 // `which` is the window tap (row * k + column) each output took its maximum from: the
 // first one in row-major window order among equals, as XLA's select_and_scatter and
-// inception_flax/models/layers.py's `_max_pool` choose. A NaN in a window wins, so
+// inception_flax/cpu/forms.py's `max_pool` choose. A NaN in a window wins, so
 // that it propagates as through `jnp.maximum`. The gradient adds each output's
 // gradient at the position its maximum came from, one tap of the window at a time so
 // that the loops over channels vectorise.

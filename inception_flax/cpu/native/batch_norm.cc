@@ -7,7 +7,7 @@
 //   inception_flax_bn_grad_stats  (g, y, a, b, mean)    -> [sum gz, sum gz (y - mean)]
 //   inception_flax_bn_input_grad  (g, y, a, b, k1, k0)  -> gz a + y k1 + k0
 // where gz is g where z > 0 (g everywhere without the ReLU), and a, b, k1, k0 are
-// per-channel coefficients computed by inception_flax/batch_norm.py. Each pass reads
+// per-channel coefficients computed by inception_flax/cpu/batch_norm.py. Each pass reads
 // its inputs once: statistics one read of y, the forward one read and one write, the
 // backward two reads for the sums and two reads and a write for the gradient. z is
 // computed the same way (y * a + b, no fused multiply-add: -ffp-contract=off) in the
