@@ -28,6 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from inception_flax import sweep as sweep_lib
+from inception_flax import sweep_results
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
@@ -95,9 +96,9 @@ def target_steps(config) -> int | None:
         return None
 
 
-def state_of(config, run_dir: str) -> sweep_lib.RunState:
-    has_checkpoints = bool(sweep_lib.checkpoint_steps(run_dir))
-    return sweep_lib.run_state(run_dir, target_steps(config) if has_checkpoints else None)
+def state_of(config, run_dir: str) -> sweep_results.RunState:
+    has_checkpoints = bool(sweep_results.checkpoint_steps(run_dir))
+    return sweep_results.run_state(run_dir, target_steps(config) if has_checkpoints else None)
 
 
 def train_command(config_arg: str, run_dir: str, extra: list[str],
@@ -173,7 +174,7 @@ def main(argv):
                 status = {"new": "not started", "started": f"step {state.step}",
                           "partial": f"step {state.step} of {state.target}"}.get(
                               state.status, state.status)
-            out.append(sweep_lib.result_row(run, run_dir, status))
+            out.append(sweep_results.result_row(run, run_dir, status))
         return out
 
     print(f"sweep {FLAGS.sweep!r}: {n} run{'s' * (n != 1)} in {workdir}", flush=True)
@@ -198,13 +199,13 @@ def main(argv):
             failed[run.name] = rc
         print(f"[{i}/{n}] {run.name}: " + (
             f"done in {time.time() - start:.0f}s" if rc == 0 else f"exit {rc}"), flush=True)
-        sweep_lib.write_results(workdir, rows())
+        sweep_results.write_results(workdir, rows())
         if stop.signal is not None:
             print("sweep stopped: re-run the same command to resume", file=sys.stderr)
             sys.exit(128 + stop.signal)
     if FLAGS["dry-run"].value:
         return
-    table = sweep_lib.write_results(workdir, rows())
+    table = sweep_results.write_results(workdir, rows())
     print(f"\nresults ({os.path.join(workdir, 'results.md')}, results.csv):\n")
     print(table, flush=True)
     if failed:

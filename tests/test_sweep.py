@@ -21,6 +21,7 @@ import urllib.request
 import pytest
 
 from inception_flax import sweep as sweep_lib
+from inception_flax import sweep_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/inception_resnet_v2.py:digits"
@@ -132,15 +133,15 @@ def test_every_named_sweep_resolves_and_passes_the_trainer_checks():
 
 def test_run_state_reads_finalised_checkpoints(tmp_path):
     run = str(tmp_path / "run")
-    assert sweep_lib.run_state(run, 4).status == "new"
+    assert sweep_results.run_state(run, 4).status == "new"
     os.makedirs(os.path.join(run, "checkpoints", "2"))
     os.makedirs(os.path.join(run, "checkpoints", "4.orbax-checkpoint-tmp-17"))  # unfinished
-    state = sweep_lib.run_state(run, 4)
+    state = sweep_results.run_state(run, 4)
     assert (state.status, state.step, state.describe()) == (
         "partial", 2, "resumes from step 2 of 4")
-    assert sweep_lib.run_state(run, None).status == "started"
+    assert sweep_results.run_state(run, None).status == "started"
     os.makedirs(os.path.join(run, "checkpoints", "4"))
-    assert sweep_lib.run_state(run, 4).status == "finished"
+    assert sweep_results.run_state(run, 4).status == "finished"
 
 
 def test_unknown_sweep_is_one_line_listing_the_known_ones(tmp_path):
