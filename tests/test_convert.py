@@ -37,7 +37,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from inception_flax import convert, models  # noqa: E402
 from inception_flax.models.inception_v1 import AuxHeadV1, GoogLeNet  # noqa: E402
-from inception_flax.models.layers import AuxHead  # noqa: E402
+from inception_flax.models.network import AuxHead  # noqa: E402
 
 TOL = 1e-4
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)

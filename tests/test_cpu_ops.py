@@ -9,7 +9,8 @@ import pytest
 
 from inception_flax import kernels
 from inception_flax.cpu import native
-from inception_flax.models.layers import Common, ConvBN, stack
+from inception_flax.models.layers import Common, ConvBN
+from inception_flax.models.network import stack
 from inception_flax.models.ops import NHWC, PLAIN, Ops, explicit_padding
 
 

@@ -14,7 +14,8 @@ import pytest
 from inception_flax import kernels, models
 from inception_flax.models import __main__ as models_cli
 from inception_flax.models.inception_resnet import Block35
-from inception_flax.models.layers import Common, InceptionNet
+from inception_flax.models.layers import Common
+from inception_flax.models.network import InceptionNet
 from inception_flax.models.ops import PLAIN
 from inception_flax.models.summary import summarize
 from tests.helpers import random_variables

@@ -22,7 +22,7 @@ from inception_flax.models.inception_resnet import (
 from inception_flax.models.inception_v1 import LAYOUTS, GoogLeNet
 from inception_flax.models.inception_v3 import InceptionV2, InceptionV3
 from inception_flax.models.inception_v4 import InceptionV4
-from inception_flax.models.layers import InceptionNet
+from inception_flax.models.network import InceptionNet
 from inception_flax.models.ops import PLAIN, Ops
 
 

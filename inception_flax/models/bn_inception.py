@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 
 from inception_flax.models.inception_v1 import same
-from inception_flax.models.layers import Common, InceptionNet, concat
+from inception_flax.models.layers import Common, concat
+from inception_flax.models.network import InceptionNet
 
 
 class Widths(NamedTuple):

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from inception_flax.models.inception_v4 import ReductionA
-from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, concat, stem_3x3, stem_pool_1x1_3x3)
+from inception_flax.models.layers import Common, concat
+from inception_flax.models.network import AuxHead, InceptionNet, stem_3x3, stem_pool_1x1_3x3
 
 ResidualScale = float | Sequence[float]
 

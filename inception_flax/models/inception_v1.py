@@ -18,7 +18,9 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from inception_flax.models.layers import Common, InceptionNet, adaptive_avg_pool, concat
+from inception_flax.models.layers import Common, concat
+from inception_flax.models.network import InceptionNet
+from inception_flax.models.pooling import adaptive_avg_pool
 
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) per module, paper Table 1.
 MODULES = {

@@ -15,8 +15,8 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from inception_flax.models.layers import (
-    AuxHead, Common, InceptionNet, concat, fork, stem_3x3, stem_pool_1x1_3x3)
+from inception_flax.models.layers import Common, concat, fork
+from inception_flax.models.network import AuxHead, InceptionNet, stem_3x3, stem_pool_1x1_3x3
 
 
 class InceptionA(nn.Module):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from inception_flax.models.layers import AuxHead, Common, InceptionNet, concat, fork, stem_3x3
+from inception_flax.models.layers import Common, concat, fork
+from inception_flax.models.network import AuxHead, InceptionNet, stem_3x3
 
 
 class Stem(nn.Module):

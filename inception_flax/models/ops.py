@@ -124,7 +124,6 @@ class Ops:
     avg_pool: Callable[..., jax.Array] = avg_pool
     name: str = "plain"  # which set: "plain", or the backend's (e.g. "native")
 
-
     def conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
                              rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                              batch_group_count=1, precision=None, preferred_element_type=None):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +26,6 @@ def ceil_pool_padding(size: int, k: int, s: int, pad: int) -> tuple[int, int]:
         out -= 1
     extra = max((out - 1) * s + k - (size + 2 * pad), 0)
     return pad, pad + extra
-
-
-@dataclasses.dataclass(frozen=True)
-class Pool:
-    """A pooling function as a layer: `Pool(fn)(x, train) == fn(x)`."""
-
-    fn: Callable[[jax.Array], jax.Array]
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train
-        return self.fn(x)
 
 
 @dataclasses.dataclass(frozen=True)

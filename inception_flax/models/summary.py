@@ -19,7 +19,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from inception_flax.models.layers import InceptionNet
+from inception_flax.models.network import InceptionNet
 from inception_flax.models.ops import PLAIN
 
 
