@@ -75,7 +75,13 @@ def l2_loss(params: Any) -> jax.Array:
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
-    """TF's ExponentialMovingAverage with `num_updates`: decay min(d, (1+t)/(10+t))."""
-    step = step.astype(jnp.float32)
-    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    """TF's ExponentialMovingAverage with `num_updates`: decay min(d, (1+t)/(10+t)).
+
+    `params` are the weights after the optimizer's update and `step` the number
+    of updates before it (the train state's `step` as the step begins). TF
+    applies the average after the optimizer's update, whose `global_step` has
+    already counted it: `num_updates` t is `step + 1`.
+    """
+    t = step.astype(jnp.float32) + 1.0
+    d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
     return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
