@@ -42,7 +42,7 @@ from inception_flax.training import mesh as mesh_lib
 from inception_flax.training import setup as setup_lib
 from inception_flax.training import state as state_lib
 from inception_flax.training import step as step_lib
-from tests import helpers, runs
+from tests import runs
 
 
 def load_config(network: str):
@@ -190,16 +190,6 @@ def test_l2_counts_conv_and_dense_kernels_only():
     got = float(optim.l2_loss(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)))
     assert got == pytest.approx(expected, rel=1e-5)
 
-    # A real network: its weights are exactly its leaves of 2 or more dimensions
-    # (biases and BN scale / bias are vectors).
-    config = load_config("inception_v3")
-    model = setup_lib.create_model(config, num_classes=10)
-    variables = helpers.random_variables(model, 75)
-    leaves = flat(variables["params"])
-    assert {k.rsplit("/", 1)[-1] for k in leaves} <= {"kernel", "bias", "scale"}
-    expected = 0.5 * sum(np.sum(v ** 2) for v in leaves.values() if v.ndim >= 2)
-    assert float(jax.jit(optim.l2_loss)(variables["params"])) == pytest.approx(expected, rel=1e-5)
-
 
 # ---- The real train step on a model whose gradient has a closed form. ----
 
@@ -332,3 +322,40 @@ def test_train_step_follows_the_v3_recipe():
 def test_train_step_follows_the_googlenet_recipe():
     """Momentum SGD, aux heads weighted 0.3 each, no smoothing, clipping or average."""
     run_probe("inception_v1", steps=5, spe=1, lr_decay_epochs=2.0)
+
+
+
+
+def training_shapes(network: str) -> tuple[dict, tuple]:
+    """The paper config's network, initialised in training (shapes only): variables, aux logits."""
+    config = load_config(network)
+    model = setup_lib.create_model(config, num_classes=CLASSES)
+    size = config.image_size
+    variables = jax.eval_shape(lambda: model.init(
+        {"params": jax.random.key(0), "dropout": jax.random.key(1)},
+        jnp.zeros((2, size, size, 3)), train=True, mutable=True))
+    return variables, tuple(variables["intermediates"]["aux_logits"])
+
+
+@pytest.mark.parametrize("network,heads,weight", [("inception_v1", 2, 0.3),
+                                                  ("inception_v3", 1, 0.4)])
+def test_each_real_networks_aux_head_is_weighted(network, heads, weight):
+    """What the probe's two heads stand for: GoogLeNet's two heads at 0.3 each, one at 0.4 else.
+
+    The step weighs each logits entry the network sows (the probe tests above);
+    here each network sows one entry per head; and its L2 term counts exactly
+    its weights: its leaves of 2 or more dimensions (biases and BN are vectors).
+    """
+    config = load_config(network)
+    assert config.aux_loss_weight == weight and config.model.aux_logits
+    variables, aux = training_shapes(network)
+    assert [a.shape for a in aux] == [(2, CLASSES)] * heads
+
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                          variables["params"])
+    leaves = flat(params)
+    assert {k.rsplit("/", 1)[-1] for k in leaves} <= {"kernel", "bias", "scale"}
+    assert any(v.ndim == 1 for v in leaves.values())
+    expected = 0.5 * sum(np.sum(v ** 2) for v in leaves.values() if v.ndim >= 2)
+    assert float(jax.jit(optim.l2_loss)(params)) == pytest.approx(expected, rel=1e-5)
