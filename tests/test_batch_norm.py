@@ -19,7 +19,7 @@ AXIS = "batch"
 
 
 def _batch_norm_step(module, variables, x, probe, axis_name=None):
-    """(loss, running statistics), gradients for params and x, and the traced jaxpr."""
+    """A function of (params, x): (loss, running statistics), gradients for params and x."""
     relu = isinstance(module, layers.BatchNorm) and module.name == "relu"
 
     def loss(params, x):
@@ -30,8 +30,7 @@ def _batch_norm_step(module, variables, x, probe, axis_name=None):
             y = nn.relu(y)
         value = jnp.sum(y.astype(jnp.float32) * probe)
         return (jax.lax.psum(value, axis_name) if axis_name else value), new["batch_stats"]
-    fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-    return fn, str(jax.make_jaxpr(fn)(variables["params"], x))
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
 
 def _close(got, want):
@@ -68,7 +67,7 @@ def test_plain_batch_norm_is_flax_batch_norm_exactly(relu, dtype, use_scale):
     for a, b in zip(jax.tree.leaves(ours_init), jax.tree.leaves(variables)):
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
     variables = _perturbed(variables, gen)
-    got, want = (_batch_norm_step(m, variables, x, probe)[0](variables["params"], x)
+    got, want = (_batch_norm_step(m, variables, x, probe)(variables["params"], x)
                  for m in (ours, flax))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
@@ -81,7 +80,7 @@ def test_plain_batch_norm_is_flax_batch_norm_exactly(relu, dtype, use_scale):
                                                    (True, False, False)])
 def test_native_batch_norm_is_flax_batch_norm(relu, use_scale, team, monkeypatch):
     """Loss, gradients of scale, bias and input, and the running statistics agree with
-    `nn.BatchNorm` (+ `nn.relu`); the native path is four FFI calls, float32 only.
+    `nn.BatchNorm` (+ `nn.relu`) (its four FFI calls: tests/test_hlo_properties.py).
     `team`: two OpenMP threads split the 715 rows (24 channels: not a whole number of
     vector registers), else one."""
     if team:
@@ -93,16 +92,9 @@ def test_native_batch_norm_is_flax_batch_norm(relu, use_scale, team, monkeypatch
     module = layers.BatchNorm(ops=ops, **kwargs)
     gen, x, probe = _inputs()
     variables = _perturbed(module.init(jax.random.key(0), x, use_running_average=False), gen)
-    got, jaxpr = _batch_norm_step(module, variables, x, probe)
-    want, ref_jaxpr = _batch_norm_step(nn.BatchNorm(**kwargs), variables, x, probe)
-    assert [jaxpr.count(f"inception_flax_bn_{k}") for k in
-            ("stats", "apply", "grad_stats", "input_grad")] == [1, 1, 1, 1]
-    assert "inception_flax_bn_" not in ref_jaxpr
+    got = _batch_norm_step(module, variables, x, probe)
+    want = _batch_norm_step(nn.BatchNorm(**kwargs), variables, x, probe)
     _close(got(variables["params"], x), want(variables["params"], x))
-    _, bf16_jaxpr = _batch_norm_step(layers.BatchNorm(dtype=jnp.bfloat16, use_scale=use_scale,
-                                                      ops=ops, name="relu"),
-                                     variables, x.astype(jnp.bfloat16), probe)
-    assert "inception_flax_bn_" not in bf16_jaxpr
 
 
 def test_native_batch_norm_synchronised_over_two_devices():
@@ -136,9 +128,6 @@ def test_native_batch_norm_synchronised_over_two_devices():
                                      out_specs=(P(), P(), P(AXIS))))
         sharded = NamedSharding(mesh, P(AXIS))
         args = (variables["params"], jax.device_put(x, sharded), jax.device_put(probe, sharded))
-        return step(*args), step.lower(*args).as_text()
+        return step(*args)
 
-    got, text = run("native")
-    want, ref_text = run("plain")
-    assert "inception_flax_bn_grad_stats" in text and "inception_flax_bn_" not in ref_text
-    _close(got, want)
+    _close(run("native"), run("plain"))

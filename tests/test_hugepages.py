@@ -77,29 +77,3 @@ def test_configure_xla_flags_adds_the_flag_once_and_keeps_the_users():
     unchecked = {}  # XLA refuses flags it does not know: only for checked releases
     process.configure_xla_flags(unchecked, jaxlib_version="0.9.0")
     assert unchecked == {}
-
-
-def test_configure_xla_flags_keeps_convolutions_out_of_ynnpack():
-    """XLA:CPU's YNNPACK convolutions are several times slower than its own here. In a
-    fresh process: with the flag, set before JAX starts, a convolution stays XLA's;
-    without it, YNNPACK takes it."""
-    script = textwrap.dedent("""
-        import os, sys
-        from inception_flax.cpu import process
-        if sys.argv[1] == "configure":
-            process.configure_xla_flags()
-        import jax, jax.numpy as jnp
-        x, w = jnp.ones((2, 35, 35, 64)), jnp.ones((3, 3, 64, 64))
-        hlo = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(
-            x, w).compile().as_text()
-        print(" convolution(" in hlo, "__ynn_fusion" in hlo)
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT
-
-    def run(how):
-        return subprocess.run([sys.executable, "-c", script, how], env=env, capture_output=True,
-                              text=True, check=True, timeout=300).stdout.split()
-    assert run("configure") == ["True", "False"]
-    assert run("leave") == ["True", "True"]

@@ -143,11 +143,6 @@ def test_auxiliary_heads_do_not_run_at_inference():
     images = jnp.zeros((1, 64, 64, 3))
     logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     assert models.aux_logits_of(state) == ()
-    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
-    with_aux = jax.make_jaxpr(lambda v: model.apply(
-        v, images, train=True, mutable=["batch_stats", "intermediates"],
-        rngs={"dropout": jax.random.key(0)}))(variables)
-    assert jaxpr.count("conv_general_dilated") < str(with_aux).count("conv_general_dilated")
 
 
 def test_residual_scale_scales_the_residual():
@@ -191,8 +186,6 @@ def test_bfloat16_compute_keeps_float32_parameters():
     logits = model.apply(variables, images)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     np.testing.assert_allclose(logits, ref.apply(variables, images), rtol=0.1, atol=0.1)
-    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
-    assert "bf16" in jaxpr
 
 
 def test_ceil_mode_max_pool_keeps_its_output_size():
@@ -208,11 +201,6 @@ def test_create_model_runs_the_ops_it_is_given():
     assert "ops" not in models.override_names("inception_v3")
     with pytest.raises(ValueError, match="no option ops"):
         models.check_overrides("inception_v3", {"ops": ops})
-    images = jnp.zeros((1, 75, 75, 3))
-    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(
-        v, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}))(
-            random_variables(model, 75)))
-    assert "custom_vjp" in jaxpr
 
 
 def test_inception_net_declares_what_common_declares():
@@ -274,8 +262,8 @@ def test_bn_remat_recomputes_batchnorm_without_changing_the_step(capsys):
 def test_merged_pointwise_branches_are_the_same_network():
     """merge_pointwise runs the sibling 1x1 convolutions of a block (Inception v3's
     Mixed_5b: three of them read the block's input) as one convolution: the same
-    parameters and initial values, the same loss, gradients and running statistics,
-    two convolutions fewer."""
+    parameters and initial values, the same loss, gradients and running statistics
+    (two convolutions fewer: tests/test_hlo_properties.py)."""
     from inception_flax.models.inception_v3 import InceptionA
 
     x = jax.random.normal(jax.random.key(0), (4, 9, 9, 16))
@@ -289,16 +277,14 @@ def test_merged_pointwise_branches_are_the_same_network():
             y, new = block.apply({**variables, "params": params}, x, True,
                                  mutable=["batch_stats"])
             return jnp.sum(y * probe[..., :y.shape[-1]]), new
-        convs = str(jax.make_jaxpr(loss)(variables["params"])).count("conv_general_dilated[")
         (value, new), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-        return variables, convs, value, grads, new
+        return variables, value, grads, new
 
-    variables, convs, value, grads, stats = run(True)
-    ref_variables, ref_convs, ref_value, ref_grads, ref_stats = run(False)
+    variables, value, grads, stats = run(True)
+    ref_variables, ref_value, ref_grads, ref_stats = run(False)
     assert jax.tree.structure(variables) == jax.tree.structure(ref_variables)
     assert all(np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(variables), jax.tree.leaves(ref_variables)))
-    assert (convs, ref_convs) == (5, 7)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((ref_grads, ref_stats))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
