@@ -112,7 +112,9 @@ def test_valid_avg_pool_and_its_gradient_equal_flax(k, s, hw):
                                rtol=1e-6, atol=1e-6)
 
 
-class _ConvsAndPools(nn.Module):
+class ConvsAndPools(nn.Module):
+    """Each kind of convolution and pool, with BatchNorm (also tests/test_hlo_properties.py)."""
+
     ops: Ops = PLAIN
 
     @nn.compact
@@ -129,10 +131,10 @@ def test_kernel_choice_gives_the_same_network():
     lax / Flax operations, "xla_cpu" custom VJPs, "native" the native kernels (which
     each runs: tests/test_hlo_properties.py). Same variables, values and gradients."""
     x = jax.random.normal(jax.random.key(0), (2, 15, 14, 3))
-    variables = _ConvsAndPools().init(jax.random.key(1), x, False)
+    variables = ConvsAndPools().init(jax.random.key(1), x, False)
 
     def run(choice):
-        model = _ConvsAndPools(kernels.resolve(choice))
+        model = ConvsAndPools(kernels.resolve(choice))
         assert jax.tree.structure(model.init(jax.random.key(1), x, False)) == \
             jax.tree.structure(variables)
 

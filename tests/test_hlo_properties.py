@@ -48,6 +48,7 @@ from inception_flax.models.layers import BatchNorm, Common, ConvBN
 from inception_flax.models.network import stack
 from inception_flax.models.ops import PLAIN, Ops, explicit_padding
 from tests.helpers import random_variables
+from tests.test_cpu_ops import ConvsAndPools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXIS = "batch"
@@ -177,25 +178,13 @@ def test_synchronised_native_batch_norm_calls_its_kernels():
     assert "inception_flax_bn_" not in text("plain")
 
 
-class _ConvsAndPools(nn.Module):
-    ops: Ops = PLAIN
-
-    @nn.compact
-    def __call__(self, x, train):
-        c = Common(ops=self.ops)
-        x = c.conv(6, 3, name="a")(x, train)
-        x = c.conv(6, 3, strides=2, padding="VALID", name="b")(x, train)
-        x = c.max_pool(3, 2)(x) + c.avg_pool(3, 2, padding="VALID")(x)
-        return c.conv(4, 1, name="c")(c.avg_pool(3)(x) + c.max_pool(3, 1, "SAME")(x), train)
-
-
 def test_each_kernel_choice_runs_its_own_operations():
     """NATIVE-EVERYWHERE, on a small network (values: tests/test_cpu_ops.py)."""
     x = jax.random.normal(jax.random.key(0), (2, 15, 14, 3))
-    variables = _ConvsAndPools().init(jax.random.key(1), x, False)
+    variables = ConvsAndPools().init(jax.random.key(1), x, False)
 
     def ops_of(choice):
-        model = _ConvsAndPools(kernels.resolve(choice))
+        model = ConvsAndPools(kernels.resolve(choice))
 
         def loss(params):
             y, _ = model.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
