@@ -2,7 +2,8 @@
 
 Uses the latest readable checkpoint of DIR (its parameter moving average when the
 run kept one), or `--checkpoint=PATH` (a run's workdir or converted weights).
-Prints top-1 / top-5 and writes them to DIR/eval for TensorBoard.
+Prints top-1 / top-5 (and the step evaluated) and writes them to DIR/eval for TensorBoard,
+at the checkpoint's step. A misspelt or mistyped --config.FIELD is one line (inception_flax/cli.py).
 """
 
 if __name__ == "__main__":  # before JAX is imported: see inception_flax/cpu/process.py
