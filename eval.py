@@ -2,7 +2,8 @@
 
 Uses the latest readable checkpoint of DIR (its parameter moving average when the
 run kept one), or `--checkpoint=PATH` (a run's workdir or converted weights).
-Prints top-1 / top-5 and writes them to DIR/eval for TensorBoard.
+Prints top-1 / top-5 (and the step evaluated) and writes them to DIR/eval for TensorBoard,
+at the checkpoint's step. A misspelt or mistyped --config.FIELD is one line (inception_flax/cli.py).
 """
 
 if __name__ == "__main__":  # before JAX is imported: see inception_flax/cpu/process.py
@@ -16,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from inception_flax import distributed
+from inception_flax import cli, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
@@ -41,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -24,7 +24,7 @@ def restore_variables(path: str) -> dict[str, Any]:
 
     A converted directory holds `model.json` and `variables/`; a workdir holds
     `checkpoints/`, whose newest readable step is used (its moving average of the
-    parameters when the run kept one).
+    parameters when the run kept one), and its `step` is returned too.
     """
     if os.path.exists(os.path.join(path, "model.json")):
         with ocp.StandardCheckpointer() as ckptr:
@@ -44,7 +44,7 @@ def restore_variables(path: str) -> dict[str, Any]:
         else:
             raise FileNotFoundError(f"init_from={path}: no readable checkpoint")
     params = state.get("ema_params") or state["params"]
-    return {"params": params, "batch_stats": state["batch_stats"]}
+    return {"params": params, "batch_stats": state["batch_stats"], "step": step}
 
 
 def merge_pretrained(target: dict[str, Any], source: dict[str, Any]) -> tuple[Any, list[str]]:
