@@ -5,16 +5,18 @@
 - With training BatchNorm and dropout, K=2 micro-batches on a 1-device mesh give what a
   2-device mesh gives on the same global batch: parameters, BN statistics (the devices'
   mean, as checkpoints hold them), moving average, step counter and metrics.
-- A tiny train.py run (in process) with K=2 counts updates: steps, checkpoints, logged
-  learning rate, and the input position a checkpoint records.
+- The training loop with K=2 counts updates: steps, checkpoints, the logged learning
+  rate, the input position a checkpoint records; a resumed run ends where the whole
+  run does.
 
-The step tests use a two-layer network of the project's own layers (`ConvBN`, the
+Every test uses a two-layer network of the project's own layers (`ConvBN`, the
 configured kernels, the classifier's dropout, an auxiliary head): the step's arithmetic
-does not depend on the depth, and four full Inception steps would take minutes to compile.
+does not depend on the depth, and five full Inception steps would take minutes to compile.
 """
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import jax
@@ -23,8 +25,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from inception_flax.data import sharding
 from inception_flax.models.network import InceptionNet
-from inception_flax.training import checks, mesh as mesh_lib, setup as setup_lib
+from inception_flax.training import checks, loop, mesh as mesh_lib, setup as setup_lib
 from inception_flax.training import state as state_lib, step as step_lib
 from tests import runs
 
@@ -133,3 +136,52 @@ def test_bad_grad_accum_steps_is_one_line_before_compiling():
     with pytest.raises(checks.ConfigError, match=r"^grad_accum_steps=3 does not divide the "
                        r"per-device batch 4: .* a multiple of 6$"):
         setup_lib.setup(_config(grad_accum_steps=3), num_classes=CLASSES, init_state=False)
+
+
+@pytest.fixture(scope="module")
+def accumulating_run(tmp_path_factory):
+    """The trainer's loop on the digits with K=2 (1 image per micro-batch and device):
+    3 updates with a checkpoint every 2; and the same run stopped at 2, then resumed.
+    The network is TinyNet (the loop builds it in place of GoogLeNet): what is checked
+    is the loop's counting, and a full network's step would take a minute to compile."""
+    def config(steps: int):
+        return runs.config(steps, 2, network="inception_v1", image_size=32,
+                           grad_accum_steps=2, num_eval_steps=1, warmup_epochs=1.0)
+
+    def tiny_model(config, num_classes, ops):
+        return TinyNet(num_classes=num_classes, aux_logits=True, ops=ops,
+                       dropout_rate=config.model.dropout_rate,
+                       bn_momentum=config.model.bn_momentum)
+    whole, resumed = (str(tmp_path_factory.mktemp(n)) for n in ("whole", "resumed"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(setup_lib, "create_model", tiny_model)
+        loop.train_and_evaluate(config(3), whole)
+        loop.train_and_evaluate(config(2), resumed)
+        loop.train_and_evaluate(config(3), resumed)
+    return config(3), whole, resumed
+
+
+def test_a_run_with_accumulation_counts_updates(accumulating_run):
+    """Steps, checkpoints, the logged learning rate and the saved input position count
+    updates (global batches), not micro-batches; a resumed run's state is the whole run's."""
+    config, whole, resumed = accumulating_run
+    assert runs.checkpoint_steps(whole) == [2, 3]
+    final = runs.read_state(whole, 3)
+    assert int(final["['step']"]) == 3
+    s = setup_lib.setup(config, init_state=False)
+    assert s.schedule(1) != s.schedule(2)  # the check below can tell the counts apart
+    rates = runs.logged(whole, "train/learning_rate")
+    assert {k: pytest.approx(v) for k, v in rates.items()} == {
+        i: [pytest.approx(float(s.schedule(i - 1)))] for i in (1, 2, 3)}
+    # The input position saved at step 2: the third global batch comes next.
+    fresh, _ = sharding.train_iterator(config)
+    expected = [next(fresh) for _ in range(3)][-1]
+    restored, _ = sharding.train_iterator(config)
+    restored.restore(os.path.join(whole, "input_state", "2", "process_0"))
+    following = next(restored)
+    for k in ("image", "label"):
+        np.testing.assert_array_equal(following[k], expected[k], err_msg=k)
+    again = runs.read_state(resumed, 3)
+    assert final.keys() == again.keys()
+    for k in final:
+        np.testing.assert_array_equal(final[k], again[k], err_msg=k)
