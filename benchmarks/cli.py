@@ -66,6 +66,9 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_integer("num_classes", 1000, "classes of the classifier", **f)
     flags.DEFINE_boolean("memory_sweep", False, "also compile the step at batch/2 and batch, "
                          "remat off and on, and report XLA's buffer sizes", **f)
+    flags.DEFINE_boolean("accum_sweep", False, "also compile and time the train step at "
+                         "the same global batch with --config.grad_accum_steps=1, 2, 4 "
+                         "(micro-batches per update): XLA's temporaries and step times", **f)
     flags.DEFINE_string("dataset", run.DIGITS, "input pipeline: TFDS name or folder:/path", **f)
     flags.DEFINE_string("split", "train", "input pipeline: split", **f)
     flags.DEFINE_string("data_dir", None, "input pipeline: TFDS data_dir", **f)

@@ -4,8 +4,9 @@
 builds model, mesh, optimizer, state and steps as training does. The rest times
 what it returns: compile (cold, and warm from the persistent cache in a fresh
 process), train and inference steps, two configs' train steps alternating (`ab`),
-XLA's buffer sizes at two batch sizes (`memory_sweep`), and each convolution
-alone (`network_convolutions`, `time_conv`).
+XLA's buffer sizes at two batch sizes (`memory_sweep`) and with K = 1, 2, 4
+micro-batches per update (`accum_sweep`), and each convolution alone
+(`network_convolutions`, `time_conv`).
 """
 
 from __future__ import annotations
@@ -175,26 +176,10 @@ def time_steps(ours: Ours, compiled, flops: dict[str, float], steps: int, warmup
     return out, {"state": holder["state"], "step": compiled, "batch": ours.batch}
 
 
-def ab(config: ml_collections.ConfigDict, num_classes: int, override: str, steps: int,
-       warmup: int, a: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config (A) and the config with `override` (B, `FIELD=VALUE`), train steps
-    alternating in this process (A B, B A, A B, ...), so that both see the same machine:
-    on a shared machine, separate runs drift by more than the few percent an option may
-    be worth. `a`: A's compiled step, state and batch when `time_steps` has them."""
+def alternate(runs: list[dict[str, Any]], steps: int, warmup: int) -> None:
+    """Train steps of several compiled runs (`state`, `step`, `batch`), taking turns (in
+    forward, then reverse order), each step's seconds appended to the run's `times`."""
     import jax
-
-    b_config, field, b_value = overrides.apply(config, override)
-    a_value = overrides.get(config, field)
-    if b_value == a_value:
-        raise ValueError(f"--ab {override}: the config has {field}={a_value!r} already")
-
-    def compiled_run(run_config) -> dict[str, Any]:
-        ours = build(run_config, num_classes)
-        compiled = ours.train_step.lower(ours.state, ours.batch).compile()
-        return {"state": ours.state, "step": compiled, "batch": ours.batch,
-                "kernels": ours.kernels}
-    runs = [{**(a or compiled_run(config)), "times": []},
-            {**compiled_run(b_config), "times": []}]
 
     def step(run, timed):
         start = time.perf_counter()
@@ -208,6 +193,27 @@ def ab(config: ml_collections.ConfigDict, num_classes: int, override: str, steps
     for i in range(steps):
         for run in runs if i % 2 == 0 else runs[::-1]:
             step(run, True)
+
+
+def ab(config: ml_collections.ConfigDict, num_classes: int, override: str, steps: int,
+       warmup: int, a: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config (A) and the config with `override` (B, `FIELD=VALUE`), train steps
+    alternating in this process (A B, B A, A B, ...), so that both see the same machine:
+    on a shared machine, separate runs drift by more than the few percent an option may
+    be worth. `a`: A's compiled step, state and batch when `time_steps` has them."""
+    b_config, field, b_value = overrides.apply(config, override)
+    a_value = overrides.get(config, field)
+    if b_value == a_value:
+        raise ValueError(f"--ab {override}: the config has {field}={a_value!r} already")
+
+    def compiled_run(run_config) -> dict[str, Any]:
+        ours = build(run_config, num_classes)
+        compiled = ours.train_step.lower(ours.state, ours.batch).compile()
+        return {"state": ours.state, "step": compiled, "batch": ours.batch,
+                "kernels": ours.kernels}
+    runs = [{**(a or compiled_run(config)), "times": []},
+            {**compiled_run(b_config), "times": []}]
+    alternate(runs, steps, warmup)
     ms = [1e3 * statistics.median(run["times"]) for run in runs]
     return {"override": override, "option": field, "a": a_value, "b": b_value,
             "b_kernels": runs[1]["kernels"], "a_step_ms": ms[0], "b_step_ms": ms[1],
@@ -236,6 +242,41 @@ def memory_sweep(config: ml_collections.ConfigDict, num_classes: int) -> list[di
                          "output_mb": measure.mb(analysis.output_size_in_bytes)})
             del ours, t
     return rows
+
+
+ACCUM_STEPS = (1, 2, 4)
+
+
+def accum_sweep(config: ml_collections.ConfigDict, num_classes: int, steps: int,
+                warmup: int) -> list[dict[str, Any]]:
+    """The train step at the config's global batch with `grad_accum_steps` K = 1, 2, 4
+    (those dividing the per-device batch): XLA's buffer sizes, and the median step time
+    with the K's steps taking turns in this process (as `ab`), all on the same machine.
+
+    What accumulation is for: the temporaries (one micro-batch's activations live at a
+    time) fall with K while the update stays the global batch's.
+    """
+    import jax
+
+    per_device = config.batch_size // jax.device_count()
+    runs = []
+    for k in (k for k in ACCUM_STEPS if per_device % k == 0):
+        ours = build(overrides.replaced(config, {"grad_accum_steps": k}), num_classes)
+        t = time_compile(ours)
+        analysis = t["compiled"].memory_analysis()
+        runs.append({"grad_accum_steps": k, "micro_batch": per_device // k,
+                     "compile_s": t["compile_s"],
+                     "temp_mb": measure.mb(analysis.temp_size_in_bytes),
+                     "argument_mb": measure.mb(analysis.argument_size_in_bytes),
+                     "state": ours.state, "step": t["compiled"], "batch": ours.batch,
+                     "times": []})
+        del ours, t
+    alternate(runs, steps, warmup)
+    timed = ("state", "step", "batch", "times")
+    return [{**{k: v for k, v in run.items() if k not in timed},
+             "step_ms": 1e3 * statistics.median(run["times"]),
+             "images_per_sec": config.batch_size / statistics.median(run["times"])}
+            for run in runs]
 
 
 # ----------------------------------------------------------------------------

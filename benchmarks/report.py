@@ -33,6 +33,8 @@ def format_table(r: dict[str, Any]) -> str:
         (f"{c['model']}  batch {c['batch']}  {c['image_size']}x{c['image_size']}  {c['dtype']}  "
         f"depth x{c['depth_multiplier']}  scan_unroll {c['scan_unroll']}  "
         f"aux {_fmt(c['aux_logits'])}  {c['optimizer']}  "
+        + (f"grad_accum_steps {c['grad_accum_steps']}  "
+           if c.get("grad_accum_steps", 1) > 1 else "") +
         f"{c['devices']} {c['backend']} device(s) ({c.get('device_kind', '?')}), "
         f"{c['cpu_threads']} CPU threads, "
         f"huge-page malloc {'on' if c.get('huge_page_malloc') else 'off'}, "
@@ -108,6 +110,13 @@ def format_table(r: dict[str, Any]) -> str:
         for m in r["memory_sweep"]:
             lines.append(f"{'':36}{m['batch']:>6}  {_fmt(m['remat']):>5}"
                          f"{m['temp_mb']:>10,.0f}{m['argument_mb']:>11,.0f}")
+    if "accum_sweep" in r:
+        lines += ["", (f"grad_accum_steps at global batch {c['batch']}:  K  micro-batch"
+                       "   temp MB   step ms  images/s")]
+        for a in r["accum_sweep"]:
+            lines.append(f"{'':36}{a['grad_accum_steps']:>3}{a['micro_batch']:>13}"
+                         f"{a['temp_mb']:>10,.0f}{a['step_ms']:>10,.0f}"
+                         f"{a['images_per_sec']:>10,.1f}")
     if "pipeline" in r:
         p = r["pipeline"]
         lines += ["", (f"input pipeline ({p['dataset']}:{p['split']}, decoded + augmented): "

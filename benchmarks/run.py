@@ -3,7 +3,8 @@
 `run_benchmark(*cli.parse(argv))` returns the dictionary `--json` writes: the
 config, the model's size and multiply-adds, the machine's matmul rate, ours
 (`benchmarks.ours`), optionally PyTorch's (`benchmarks.torch_side`) and their
-ratio, each convolution alone, the A/B, the memory sweep and the input pipeline.
+ratio, each convolution alone, the A/B, the memory and accumulation sweeps and the
+input pipeline.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Options:
     warmup: int = 2
     num_classes: int = 1000
     memory_sweep: bool = False  # also compile at batch/2 and batch, remat off / on
+    accum_sweep: bool = False  # also the train step with grad_accum_steps 1, 2, 4: memory, time
     dataset: str = DIGITS  # the input pipeline's
     split: str = "train"
     data_dir: str | None = None
@@ -89,6 +91,7 @@ def _run(config: ml_collections.ConfigDict, opts: Options, log: Callable[[str], 
         "merge_pointwise": bool(config.model.get("merge_pointwise", True)),
         "aux_logits": bool(config.model.aux_logits), "num_classes": opts.num_classes,
         "optimizer": config.optimizer, "ema": config.ema_decay > 0,
+        "grad_accum_steps": config.grad_accum_steps,
         "kernels": config.kernels, "kernels_used": ours.kernels,
         "overrides": dict(opts.overrides),
         "steps": opts.steps, "warmup": opts.warmup,
@@ -167,6 +170,11 @@ def _run(config: ml_collections.ConfigDict, opts: Options, log: Callable[[str], 
     if opts.memory_sweep:
         log("memory sweep: compiling at two batch sizes, remat off and on")
         result["memory_sweep"] = ours_lib.memory_sweep(config, opts.num_classes)
+
+    if opts.accum_sweep:
+        log("accumulation sweep: the train step with 1, 2, 4 micro-batches per update")
+        result["accum_sweep"] = ours_lib.accum_sweep(config, opts.num_classes, opts.steps,
+                                                     opts.warmup)
 
     if opts.pipeline_batches > 0:
         log(f"input pipeline: {opts.dataset}")

@@ -58,6 +58,11 @@ def base_config(model_name: str, image_size: int) -> ml_collections.ConfigDict:
     # ---- Durations: steps, or epochs when the split size is known. ----
     c.batch_size = 1600  # global; the papers: 32 per replica x 50 replicas
     c.eval_batch_size = 200  # global
+    # Micro-batches per update: each device runs its share of the global batch as K
+    # micro-batches in sequence and averages their gradients, then one optimizer step
+    # (memory of batch / K, result of batch; BN statistics per micro-batch, as on K times
+    # more devices). Steps, schedule and checkpoints count updates.
+    c.grad_accum_steps = 1
     c.num_epochs = 100.0
     c.num_train_steps = -1  # > 0 overrides num_epochs
     c.steps_per_epoch = -1  # -1: split size / batch_size (state it when the size is unknown)

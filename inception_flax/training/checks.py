@@ -80,7 +80,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _choice(config, "lr_schedule", optim.SCHEDULES)
     _choice(config, "nonfinite", ("stop", "skip"))
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
-                  "checkpoint_every_steps", "keep_checkpoints"):
+                  "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps"):
         if config[field] <= 0:
             raise ConfigError(f"{field} must be positive, got {config[field]}")
     if not 0.0 <= config.label_smoothing < 1.0:
@@ -99,6 +99,11 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
                 f"use a multiple of {n}")
         if config[field] % procs:
             raise ConfigError(f"{field}={config[field]} does not divide across {procs} processes")
+    if config.batch_size % (n * config.grad_accum_steps):
+        raise ConfigError(
+            f"grad_accum_steps={config.grad_accum_steps} does not divide the per-device batch "
+            f"{config.batch_size // n}: use a divisor of it, or batch_size a multiple of "
+            f"{n * config.grad_accum_steps}")
     shards = sharding.input_shards(config)
     if shards % procs or config.batch_size % shards:
         raise ConfigError(
