@@ -44,11 +44,11 @@ def label_names(num_classes: int) -> tuple[str, ...]:
     return tuple(f"class{i:03d}" for i in range(num_classes))
 
 
-def image_size(rng: np.random.Generator) -> tuple[int, int]:
-    """Height and width of one image: about 500x375, a third of them portrait."""
+def image_size(rng: np.random.Generator, portrait: bool) -> tuple[int, int]:
+    """Height and width of one image: about 500x375 (or 375x500), the sides varied."""
     long_side = int(rng.integers(400, 601))
     short_side = int(round(long_side * rng.uniform(0.6, 0.9)))
-    return (long_side, short_side) if rng.random() < 1 / 3 else (short_side, long_side)
+    return (long_side, short_side) if portrait else (short_side, long_side)
 
 
 def make_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -108,7 +108,8 @@ def write_folder(root: str, num_images: int = 1000, *, num_classes: int = 4,
     good, corrupt = [], []
     for n in range(num_images + num_corrupt):
         rng = np.random.default_rng([seed, n])
-        jpeg = encode_jpeg(make_image(rng, *image_size(rng)), quality)
+        # Every third image is portrait.
+        jpeg = encode_jpeg(make_image(rng, *image_size(rng, n % 3 == 2)), quality)
         path = os.path.join(root, split, labels[n % num_classes], f"{n:06d}.jpg")
         if n < num_images:
             data = jpeg
