@@ -78,14 +78,11 @@ class SkipCounter:
         del example  # Unused.
         increment = self._variable.assign_add(
             tf.cast(tf.logical_not(valid), tf.int64))
-        logged = tf.cond(valid, lambda: tf.constant(True),
-                         lambda: tf.py_function(self._log_tensor, [name], tf.bool))
+        logged = tf.cond(valid, lambda: tf.constant(True), lambda: tf.py_function(
+            lambda n: self.log_once(n.numpy().decode(errors="replace")) or True,
+            [name], tf.bool))
         with tf.control_dependencies([increment, logged]):
             return tf.identity(valid)
-
-    def _log_tensor(self, name: tf.Tensor) -> bool:
-        self.log_once(name.numpy().decode("utf-8", errors="replace"))
-        return True
 
 
 _accelerators_hidden = False
@@ -299,10 +296,8 @@ def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
 
 def _file_name(example: dict[str, tf.Tensor]) -> tf.Tensor:
     """The example's file name where the dataset has one (folders and ImageNet do)."""
-    for key in ("image/filename", "file_name"):
-        if key in example:
-            return example[key]
-    return tf.constant("")
+    keys = [k for k in ("image/filename", "file_name") if k in example]
+    return example[keys[0]] if keys else tf.constant("")
 
 
 def _preprocess(ds: tf.data.Dataset, *, train: bool, image_size: int,
@@ -334,13 +329,12 @@ def _guard(
 ) -> Callable[..., tf.data.Dataset]:
     """Makes `fn` failure-tolerant, for use with `Dataset.interleave`.
 
-    The returned function takes a group of batched `(index, example)` arguments
-    and yields exactly one `(result, valid, name)` element per group member:
-    `(fn(index, example), True, name)` for each success, in order, then
-    `(placeholder, False, name)` for each member where `fn` raised a runtime
-    error (e.g. a corrupt image), so that failures can be counted and named
-    before they are filtered out. The failed members are found by running them
-    one by one again, which happens only in a group that had a failure.
+    The returned function takes a group of batched `(index, example)` and yields
+    one `(result, valid, name)` per member: `(fn(...), True, name)` for each
+    success, in order, then `(placeholder, False, name)` for each member where
+    `fn` raised (e.g. a corrupt image), to be counted and named, then filtered
+    out. Only a group with a failure runs its members again, one by one, to
+    find which failed.
     """
 
     def guarded(index: tf.Tensor, example: dict[str, tf.Tensor]) -> tf.data.Dataset:
