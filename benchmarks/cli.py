@@ -15,13 +15,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from benchmarks import ours, report, run, torch_side
+from benchmarks import ours, pipeline, report, run, torch_side
 from inception_flax import kernels
 
 DEFAULT_MODEL = "inception_v3"
@@ -85,6 +85,7 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
                         "(e.g. kernels=xla_cpu, model.bn_remat=false), train steps of the two "
                         "alternating in this process, and print the ratio", **f)
     flags.DEFINE_boolean("probe", False, "internal: the warm-compile subprocess", **f)
+    pipeline.define_flags(flag_values)
 
 
 def _normalize(arg: str) -> str:
@@ -185,6 +186,16 @@ def _help(argv: Sequence[str]) -> str:
     return f"usage: benchmark.py [--config=FILE | --model NET] [flags]\n\n{doc}\n{fv}"
 
 
+def _stderr_log() -> Callable[[str], None]:
+    """Progress lines on stderr, stamped with the seconds since this call."""
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[benchmark {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr,
+              flush=True)
+    return log
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv[1:]):
@@ -196,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # UsageError, and a bad --compare / --conv_layers
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if fv.pipeline:
+        return pipeline.main(config, fv, config.model.name, _stderr_log())
     if opts.compare == "timm":
         # On a GPU, JAX would otherwise take 75% of its memory up front, and PyTorch
         # shares the device in this process. Set before JAX is imported.
@@ -206,11 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         probe = ours.warm_compile_probe(config, opts.num_classes)
         print(ours.PROBE_PREFIX + json.dumps(probe), flush=True)
         return 0
-    start = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[benchmark {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr,
-              flush=True)
+    log = _stderr_log()
     try:
         result = run.run_benchmark(config, opts, log=log)
     except ValueError as e:  # the trainer's ConfigError among them

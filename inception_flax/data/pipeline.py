@@ -45,7 +45,8 @@ FOLDER_PREFIX = "folder:"
 _GUARD_GROUP_SIZE = 32
 
 class SkipCounter:
-    """Counts images dropped because they could not be decoded/preprocessed.
+    """Counts images dropped because they could not be decoded/preprocessed, and
+    names each such file once in a warning (a user wants to fix or delete it).
 
     The count lives in a TensorFlow variable updated by the pipeline as it
     processes examples, so it includes examples still in prefetch buffers and
@@ -55,19 +56,32 @@ class SkipCounter:
 
     def __init__(self):
         self._variable = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._logged: set[str] = set()
 
     @property
     def count(self) -> int:
         """Returns the number of skipped images so far."""
         return int(self._variable.numpy())
 
-    def keep_valid(self, example: dict[str, tf.Tensor],
-                   valid: tf.Tensor) -> tf.Tensor:
-        """Filter predicate: counts an invalid example and returns `valid`."""
+    def log_once(self, name: str) -> None:
+        """Warns that the image `name` is skipped, the first time it is."""
+        if name in self._logged:
+            return
+        self._logged.add(name)
+        logging.warning("Skipping an image that cannot be decoded: %s (training goes on "
+                        "without it; it is counted in train/skipped_images in every epoch: "
+                        "fix or delete the file)", name or "(an example without a file name)")
+
+    def keep_valid(self, example: dict[str, tf.Tensor], valid: tf.Tensor,
+                   name: tf.Tensor) -> tf.Tensor:
+        """Filter predicate: counts (and names) an invalid example, returns `valid`."""
         del example  # Unused.
         increment = self._variable.assign_add(
             tf.cast(tf.logical_not(valid), tf.int64))
-        with tf.control_dependencies([increment]):
+        logged = tf.cond(valid, lambda: tf.constant(True), lambda: tf.py_function(
+            lambda n: self.log_once(n.numpy().decode(errors="replace")) or True,
+            [name], tf.bool))
+        with tf.control_dependencies([increment, logged]):
             return tf.identity(valid)
 
 
@@ -276,7 +290,14 @@ def _read_shard(builder: tfds.core.DatasetBuilder, split: str, *, train: bool,
     return ds.map(lambda ex: {
         "image": ex["image"],
         "label": tf.cast(ex["label"], tf.int32),
+        "name": _file_name(ex),
     })
+
+
+def _file_name(example: dict[str, tf.Tensor]) -> tf.Tensor:
+    """The example's file name where the dataset has one (folders and ImageNet do)."""
+    keys = [k for k in ("image/filename", "file_name") if k in example]
+    return example[keys[0]] if keys else tf.constant("")
 
 
 def _preprocess(ds: tf.data.Dataset, *, train: bool, image_size: int,
@@ -293,9 +314,9 @@ def _preprocess(ds: tf.data.Dataset, *, train: bool, image_size: int,
 
 def _batch(ds: tf.data.Dataset, batch_size: int, *, train: bool,
            pad_to_num_batches: Optional[int]) -> tf.data.Dataset:
-    """Batches `(example, valid)` elements into masked example batches."""
+    """Batches `(example, valid, name)` elements into masked example batches."""
     ds = ds.batch(batch_size, drop_remainder=train)
-    ds = ds.map(lambda example, _: _add_mask(example, batch_size),
+    ds = ds.map(lambda example, _, __: _add_mask(example, batch_size),
                 num_parallel_calls=tf.data.AUTOTUNE)
     if pad_to_num_batches is not None and not train:
         ds = _pad_num_batches(ds, pad_to_num_batches)
@@ -308,21 +329,34 @@ def _guard(
 ) -> Callable[..., tf.data.Dataset]:
     """Makes `fn` failure-tolerant, for use with `Dataset.interleave`.
 
-    The returned function takes a group of batched `fn` arguments and yields
-    exactly one `(result, valid)` element per group member: `(fn(*args),
-    True)` for each success, in order, then `(placeholder, False)` for each
-    member where `fn` raised a runtime error (e.g. a corrupt image), so that
-    failures can be counted before they are filtered out.
+    The returned function takes a group of batched `(index, example)` and yields
+    one `(result, valid, name)` per member: `(fn(...), True, name)` for each
+    success, in order, then `(placeholder, False, name)` for each member where
+    `fn` raised (e.g. a corrupt image), to be counted and named, then filtered
+    out. Only a group with a failure runs its members again, one by one, to
+    find which failed.
     """
 
-    def guarded(*group: tf.Tensor) -> tf.data.Dataset:
-        size = tf.shape(group[0], out_type=tf.int64)[0]
-        results = tf.data.Dataset.from_tensor_slices(group).map(
-            lambda *args: (fn(*args), True)).ignore_errors(log_warning=True)
-        fallback = tf.data.Dataset.from_tensors((placeholder, False)).repeat()
-        return results.concatenate(fallback).take(size)
+    def guarded(index: tf.Tensor, example: dict[str, tf.Tensor]) -> tf.data.Dataset:
+        size = tf.shape(index, out_type=tf.int64)[0]
+        members = tf.data.Dataset.from_tensor_slices((index, example))
+        results = members.map(
+            lambda i, ex: (fn(i, ex), True, ex["name"])).ignore_errors()
+        failures = members.flat_map(
+            lambda i, ex: _if_fails(fn, i, ex).map(
+                lambda _: (placeholder, False, ex["name"])))
+        return results.concatenate(failures).take(size)
 
     return guarded
+
+
+def _if_fails(fn: Callable[..., dict[str, tf.Tensor]], index: tf.Tensor,
+              example: dict[str, tf.Tensor]) -> tf.data.Dataset:
+    """One element if `fn(index, example)` fails, else none."""
+    succeeded = tf.data.Dataset.from_tensors((index, example)).map(
+        lambda i, ex: fn(i, ex)["image"]).ignore_errors().map(lambda _: True)
+    return succeeded.concatenate(tf.data.Dataset.from_tensors(False)).take(1).filter(
+        tf.logical_not)
 
 
 def _placeholder(image_size: int) -> dict[str, tf.Tensor]:

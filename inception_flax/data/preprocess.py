@@ -55,10 +55,13 @@ def make_preprocess_fn(
             window_fn = lambda shape: _central_window(
                 shape, preprocessing.central_fraction)
         image = decode_and_crop(example["image"], window_fn)
-        image = tf.image.resize(image, [image_size, image_size],
-                                method="bilinear")
+        # Flipping the uint8 crop costs a quarter of flipping the float result, and
+        # TensorFlow's bilinear resize runs faster from float32 than from uint8 input
+        # (the same values: it converts each pixel to float32 either way).
         if train and preprocessing.random_flip:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size],
+                                method="bilinear")
         image = tf.ensure_shape(image, [image_size, image_size, 3])
         return {"image": image / 127.5 - 1.0, "label": example["label"]}
 
