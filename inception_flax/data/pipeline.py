@@ -13,7 +13,7 @@ Every element is a flat dict of tensors:
 
 Images are decoded by this pipeline (TFDS decoding is skipped) so that images
 that fail to decode or preprocess are dropped instead of crashing the run.
-Each dropped image increments a `SkipCounter` returned with the dataset.
+Each dropped image increments a `guard.SkipCounter` returned with the dataset.
 
 Augmentation randomness is stateless and derived from (seed, process index,
 position of the example in the stream), so with `deterministic=True` a seed
@@ -25,7 +25,6 @@ GPUs from it (`hide_accelerators_from_tf`), leaving them to JAX.
 """
 
 import math
-from collections.abc import Callable
 from typing import Optional
 
 from absl import logging
@@ -36,54 +35,10 @@ import tensorflow_datasets as tfds
 
 # Defining the builder registers `inception_digits` with TFDS.
 from inception_flax.data import digits as _digits  # pylint: disable=unused-import
+from inception_flax.data import guard
 from inception_flax.data.preprocess import Preprocessing, make_preprocess_fn
 
 FOLDER_PREFIX = "folder:"
-
-# Examples are preprocessed in groups of this size inside the error guard
-# (see `_guard`), which amortises its per-group cost.
-_GUARD_GROUP_SIZE = 32
-
-class SkipCounter:
-    """Counts images dropped because they could not be decoded/preprocessed, and
-    names each such file once in a warning (a user wants to fix or delete it).
-
-    The count lives in a TensorFlow variable updated by the pipeline as it
-    processes examples, so it includes examples still in prefetch buffers and
-    counts a broken training image again in every epoch. It is local to the
-    process and not part of iterator checkpoints (it restarts at 0).
-    """
-
-    def __init__(self):
-        self._variable = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._logged: set[str] = set()
-
-    @property
-    def count(self) -> int:
-        """Returns the number of skipped images so far."""
-        return int(self._variable.numpy())
-
-    def log_once(self, name: str) -> None:
-        """Warns that the image `name` is skipped, the first time it is."""
-        if name in self._logged:
-            return
-        self._logged.add(name)
-        logging.warning("Skipping an image that cannot be decoded: %s (training goes on "
-                        "without it; it is counted in train/skipped_images in every epoch: "
-                        "fix or delete the file)", name or "(an example without a file name)")
-
-    def keep_valid(self, example: dict[str, tf.Tensor], valid: tf.Tensor,
-                   name: tf.Tensor) -> tf.Tensor:
-        """Filter predicate: counts (and names) an invalid example, returns `valid`."""
-        del example  # Unused.
-        increment = self._variable.assign_add(
-            tf.cast(tf.logical_not(valid), tf.int64))
-        logged = tf.cond(valid, lambda: tf.constant(True), lambda: tf.py_function(
-            lambda n: self.log_once(n.numpy().decode(errors="replace")) or True,
-            [name], tf.bool))
-        with tf.control_dependencies([increment, logged]):
-            return tf.identity(valid)
-
 
 _accelerators_hidden = False
 
@@ -189,7 +144,7 @@ def create_split(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     pad_to_num_batches: Optional[int] = None,
-) -> tuple[tf.data.Dataset, SkipCounter]:
+) -> tuple[tf.data.Dataset, guard.SkipCounter]:
     """Creates this process' dataset of preprocessed batches for a split.
 
     Training: the process shard is shuffled (seeded), repeated forever,
@@ -302,14 +257,10 @@ def _file_name(example: dict[str, tf.Tensor]) -> tf.Tensor:
 
 def _preprocess(ds: tf.data.Dataset, *, train: bool, image_size: int,
                 preprocessing: Preprocessing,
-                base_seed: tf.Tensor) -> tuple[tf.data.Dataset, SkipCounter]:
+                base_seed: tf.Tensor) -> tuple[tf.data.Dataset, guard.SkipCounter]:
     """Decodes and preprocesses examples, dropping and counting failures."""
     preprocess = make_preprocess_fn(train, image_size, preprocessing, base_seed)
-    counter = SkipCounter()
-    ds = ds.enumerate().batch(_GUARD_GROUP_SIZE).interleave(
-        _guard(preprocess, _placeholder(image_size)),
-        block_length=_GUARD_GROUP_SIZE, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.filter(counter.keep_valid), counter
+    return guard.map_dropping_failures(ds, preprocess, image_size)
 
 
 def _batch(ds: tf.data.Dataset, batch_size: int, *, train: bool,
@@ -321,50 +272,6 @@ def _batch(ds: tf.data.Dataset, batch_size: int, *, train: bool,
     if pad_to_num_batches is not None and not train:
         ds = _pad_num_batches(ds, pad_to_num_batches)
     return ds
-
-
-def _guard(
-    fn: Callable[..., dict[str, tf.Tensor]],
-    placeholder: dict[str, tf.Tensor],
-) -> Callable[..., tf.data.Dataset]:
-    """Makes `fn` failure-tolerant, for use with `Dataset.interleave`.
-
-    The returned function takes a group of batched `(index, example)` and yields
-    one `(result, valid, name)` per member: `(fn(...), True, name)` for each
-    success, in order, then `(placeholder, False, name)` for each member where
-    `fn` raised (e.g. a corrupt image), to be counted and named, then filtered
-    out. Only a group with a failure runs its members again, one by one, to
-    find which failed.
-    """
-
-    def guarded(index: tf.Tensor, example: dict[str, tf.Tensor]) -> tf.data.Dataset:
-        size = tf.shape(index, out_type=tf.int64)[0]
-        members = tf.data.Dataset.from_tensor_slices((index, example))
-        results = members.map(
-            lambda i, ex: (fn(i, ex), True, ex["name"])).ignore_errors()
-        failures = members.flat_map(
-            lambda i, ex: _if_fails(fn, i, ex).map(
-                lambda _: (placeholder, False, ex["name"])))
-        return results.concatenate(failures).take(size)
-
-    return guarded
-
-
-def _if_fails(fn: Callable[..., dict[str, tf.Tensor]], index: tf.Tensor,
-              example: dict[str, tf.Tensor]) -> tf.data.Dataset:
-    """One element if `fn(index, example)` fails, else none."""
-    succeeded = tf.data.Dataset.from_tensors((index, example)).map(
-        lambda i, ex: fn(i, ex)["image"]).ignore_errors().map(lambda _: True)
-    return succeeded.concatenate(tf.data.Dataset.from_tensors(False)).take(1).filter(
-        tf.logical_not)
-
-
-def _placeholder(image_size: int) -> dict[str, tf.Tensor]:
-    """Returns a dummy preprocessed example standing in for a failed one."""
-    return {
-        "image": tf.zeros([image_size, image_size, 3], tf.float32),
-        "label": tf.constant(0, tf.int32),
-    }
 
 
 def _add_mask(batch: dict[str, tf.Tensor],
