@@ -85,3 +85,16 @@ def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
     t = step.astype(jnp.float32) + 1.0
     d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
     return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def advance_schedule(kept: Any, updated: Any) -> Any:
+    """The optimizer state `kept`, with the learning-rate schedule's step count of `updated`.
+
+    A dropped (non-finite) update keeps the old optimizer state, but the schedule
+    still follows the train state's step, as the logged learning rate does.
+    """
+    def is_schedule(x):
+        return isinstance(x, optax.ScaleByScheduleState)
+
+    return jax.tree.map(lambda k, u: u if is_schedule(k) else k, kept, updated,
+                        is_leaf=is_schedule)

@@ -132,8 +132,9 @@ def make_train_step(model: models.InceptionNet, tx: optax.GradientTransformation
             ema_params=(optim.ema_update(state.ema_params, params, state.step, ema_decay)
                         if state.ema_params is not None else None))
         if skip_nonfinite:  # keep the old weights, move on to the next batch
-            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                     new_state, state.replace(step=state.step + 1))
+            kept = state.replace(step=state.step + 1,
+                                 opt_state=optim.advance_schedule(state.opt_state, opt_state))
+            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
         return new_state, metrics
 
     specs = state_specs(state)
