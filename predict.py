@@ -37,11 +37,6 @@ config_flags.DEFINE_config_file(
 flags.mark_flag_as_required("checkpoint")
 
 
-def show(p) -> str:
-    return f"{p.path}: " + " | ".join(f"{name} {prob:.6f}"
-                                       for name, prob in zip(p.names, p.probabilities))
-
-
 def write_json(path: str, network, predictions, failures) -> None:
     with open(path, "w") as f:
         json.dump({"checkpoint": FLAGS.checkpoint, "network": network.name,
@@ -83,7 +78,7 @@ def main(argv):
             print(f"error: {result.error}", file=sys.stderr, flush=True)
         else:
             predictions.append(result)
-            print(show(result), flush=True)
+            print(inference.line(result), flush=True)
     if FLAGS.json:
         write_json(FLAGS.json, network, predictions, failures)
     if FLAGS.csv:

@@ -244,6 +244,12 @@ def make_probabilities(network: Network, devices=None):
     return lambda images: np.asarray(probabilities(variables, jax.device_put(images, batched)))
 
 
+def line(p: Prediction) -> str:
+    """How predict.py prints a prediction: `path: name probability | name probability ...`."""
+    return f"{p.path}: " + " | ".join(f"{name} {prob:.6f}"
+                                       for name, prob in zip(p.names, p.probabilities))
+
+
 def expand(patterns: list[str]) -> list[str]:
     """Files named by paths, folders (their files, sorted, recursively) and globs.
 

@@ -90,9 +90,8 @@ def _tf_reason(message: str) -> str:
     return (said or lines or ["unknown error"])[-1].split(" [Op:")[0]
 
 
-@functools.lru_cache(maxsize=8)
-def _tf_reader(size: int, fraction: float):
-    """The eval split's preprocessing of one encoded image, as one `tf.function`."""
+def _tf_preprocess(data, size: int, fraction: float):
+    """The eval split's preprocessing of one encoded image (TensorFlow ops)."""
     import tensorflow as tf
 
     from inception_flax.data import preprocess
@@ -100,12 +99,16 @@ def _tf_reader(size: int, fraction: float):
     fn = preprocess.make_preprocess_fn(
         False, size, preprocess.Preprocessing(central_fraction=fraction),
         tf.zeros([2], tf.int64))
+    return fn(tf.constant(0, tf.int64), {"image": data, "label": tf.constant(0)})["image"]
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
-    def reader(data):
-        return fn(tf.constant(0, tf.int64), {"image": data, "label": tf.constant(0)})["image"]
 
-    return reader
+@functools.lru_cache(maxsize=8)
+def _tf_reader(size: int, fraction: float):
+    """`_tf_preprocess` as one `tf.function`, for eager use (traced once per size)."""
+    import tensorflow as tf
+
+    return tf.function(lambda data: _tf_preprocess(data, size, fraction),
+                       input_signature=[tf.TensorSpec([], tf.string)])
 
 
 def tf_image(data, spec: InputSpec):
@@ -115,7 +118,7 @@ def tf_image(data, spec: InputSpec):
     import tensorflow as tf
 
     if not spec.source_style:
-        return _tf_reader(spec.image_size, spec.central_fraction)(data)
+        return _tf_preprocess(data, spec.image_size, spec.central_fraction)
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     short = tf.minimum(h, w)

@@ -8,9 +8,37 @@ decoded and preprocessed in the graph with the network's own convention
 
 from __future__ import annotations
 
+import contextlib
+
 from inception_flax.data import files
 from inception_flax.export.core import host_variables, serving_fn
 from inception_flax.inference import Network
+
+
+@contextlib.contextmanager
+def stablehlo_that_tensorflow_reads():
+    """jax.export writes StableHLO at the version of 4 weeks before this JAX (jax 0.10.2:
+    1.15.0), newer than TensorFlow's XlaCallModule reads (2.21: up to 1.13.7), so a
+    SavedModel would load only beside JAX. Within this context, it writes the version
+    of 12 weeks before (1.13.7), which StableHLO's compatibility window lets JAX write.
+    (jax.export has no public option for it: this replaces its private serializer.)"""
+    from jax._src import xla_bridge
+    from jax._src.export import _export
+    from jax._src.lib import _jax
+    from jax._src.lib.mlir.dialects import hlo
+
+    def older_bytecode(module) -> bytes:
+        version = hlo.get_version_from_compatibility_requirement(
+            hlo.StablehloCompatibilityRequirement.WEEK_12)
+        return _jax.mlir.serialize_portable_artifact(
+            module, version, xla_bridge.get_backend().serialize_with_sdy)
+
+    original = _export._module_to_bytecode
+    _export._module_to_bytecode = older_bytecode
+    try:
+        yield
+    finally:
+        _export._module_to_bytecode = original
 
 
 def export_savedmodel(network: Network, out: str, batch: int | None, softmax: bool = False,
@@ -20,9 +48,20 @@ def export_savedmodel(network: Network, out: str, batch: int | None, softmax: bo
 
     size = network.input.image_size
     images_poly = f"(b, {size}, {size}, 3)" if batch is None else None
-    fn = jax2tf.convert(serving_fn(network, softmax, top_k), with_gradient=False,
-                        polymorphic_shapes=[None, images_poly],
-                        native_serialization_platforms=platforms)
+    # top-k in TensorFlow: the lowering of lax.top_k over a polymorphic batch has dynamic
+    # shapes that TensorFlow's XlaCallModule cannot refine.
+    network_fn = jax2tf.convert(serving_fn(network, softmax or top_k > 0), with_gradient=False,
+                                polymorphic_shapes=[None, images_poly],
+                                native_serialization_platforms=platforms)
+
+    def fn(weights, images):
+        out = network_fn(weights, images)
+        if top_k:
+            out["top_k_probabilities"], out["top_k_classes"] = tf.math.top_k(
+                out["probabilities"], top_k)
+        if not softmax:
+            out.pop("probabilities", None)
+        return out
     module = tf.Module()
     module.weights = tf.nest.map_structure(
         lambda x: tf.Variable(x, trainable=False), host_variables(network))
@@ -40,5 +79,6 @@ def export_savedmodel(network: Network, out: str, batch: int | None, softmax: bo
         return serve_images(images)  # the same traced network
 
     module.serve_images, module.serve_bytes = serve_images, serve_bytes
-    tf.saved_model.save(module, out, signatures={"serving_default": serve_images,
-                                                 "serving_bytes": serve_bytes})
+    with stablehlo_that_tensorflow_reads():  # the network is lowered while saving
+        tf.saved_model.save(module, out, signatures={"serving_default": serve_images,
+                                                     "serving_bytes": serve_bytes})
