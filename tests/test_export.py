@@ -134,6 +134,7 @@ def exported(tmp_path_factory):
     return jobs, expected, dict(np.load(root / "out.npz"))
 
 
+@pytest.mark.xdist_group("export")  # one worker exports and reloads
 @pytest.mark.parametrize("name", [*FAMILIES, "v3_run", "v1_fixed"])
 def test_reloaded_artifact_gives_the_flax_logits(exported, name):
     jobs, expected, got = exported
@@ -151,6 +152,7 @@ def test_reloaded_artifact_gives_the_flax_logits(exported, name):
         assert diff <= TOL, f"{name} {key}: {diff}"
 
 
+@pytest.mark.xdist_group("export")
 def test_optional_outputs_are_softmax_and_top_k(exported):
     _, _, got = exported
     logits = got["bn_inception/batch3/logits"]
@@ -162,6 +164,7 @@ def test_optional_outputs_are_softmax_and_top_k(exported):
     assert "inception_v3/batch3/probabilities" not in got  # only when asked
 
 
+@pytest.mark.xdist_group("export")
 def test_encoded_image_signature_preprocesses_as_predict(exported):
     """`serving_bytes` decodes and preprocesses in the graph as predict.py does."""
     jobs, expected, got = exported
@@ -175,6 +178,7 @@ def test_encoded_image_signature_preprocesses_as_predict(exported):
     assert got["v3_run/files/top_k_classes"].shape == (len(job["files"]), 2)
 
 
+@pytest.mark.xdist_group("export")
 def test_bad_input_is_one_line(tmp_path, capsys, exported):
     jobs, _, _ = exported
     source = jobs[0]["dir"].replace(".stablehlo", "")
