@@ -39,14 +39,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parser().parse_args(argv)
-    except SystemExit as e:  # argparse: usage error (2) or --help (0)
-        return int(e.code or 0)
+    """The command line; returns the exit status (2: bad input, in one `error:` line)."""
     from inception_flax import inference
     from inception_flax.export.core import export_network
 
     try:
+        args = parser().parse_args(argv)
         network = inference.load(args.checkpoint, args.image_size)
         if not 0 <= args.top_k <= len(network.labels):
             raise inference.InputError(f"--top-k={args.top_k}: give 0 to "
@@ -54,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         platforms = tuple(args.platforms.split(",")) if args.platforms else None
         out = export_network(network, args.out, args.format, args.batch_size, args.softmax,
                              args.top_k, platforms, args.checkpoint, args.overwrite)
+    except SystemExit as e:  # argparse: usage error (2) or --help (0)
+        return int(e.code or 0)
     except (inference.InputError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
