@@ -133,8 +133,8 @@ def _load_converted(path: str) -> Network:
     num_classes = model.num_classes
     labels = (read_labels(IMAGENET_CLASSES, num_classes) if num_classes == 1000 else None)
     convention = meta.get("input")
-    if convention is None and meta.get("source"):  # converted before conventions were kept
-        from inception_flax.convert import inputs
+    from inception_flax.convert import inputs
+    if convention is None and meta.get("source") in inputs.CONVENTIONS:  # converted earlier
         convention = inputs.convention(meta["source"])
     spec = (InputSpec.from_convention(convention) if convention else
             InputSpec(image_size=_canonical_size(meta["model"])))
@@ -180,8 +180,12 @@ def _load_run(path: str, config) -> Network:
                 "--config.FIELD overrides")
         with open(config_path) as f:
             config = ml_collections.ConfigDict(json.load(f))
-    with open(os.path.join(path, "run.json")) as f:
-        num_classes = int(json.load(f)["num_classes"])
+    try:
+        with open(os.path.join(path, "run.json")) as f:
+            num_classes = int(json.load(f)["num_classes"])
+    except (OSError, ValueError, KeyError):
+        raise InputError(f"--checkpoint={path} has no readable run.json (the run's model "
+                         "and classes, written by train.py): give a train.py workdir") from None
     name = models.canonical_name(config.model.name)
     overrides = checks.model_overrides(config, num_classes)
     overrides.pop("axis_name", None)  # inference: running statistics, no batch statistics
