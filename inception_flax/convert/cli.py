@@ -21,7 +21,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m inception_flax.convert",
         description="Convert timm / torchvision Inception weights to an inception_flax "
                     "checkpoint directory (model.json + orbax variables/).")
-    p.add_argument("--source", required=True, help=f"one of {', '.join(SOURCES)}")
+    p.add_argument("--source", required=True, help=f"one of {', '.join(SOURCES)}; a timm weight tag may follow "
+                        "a dot (timm:inception_v3.gluon_in1k), for its input convention")
     p.add_argument("--weights", required=True,
                    help="the state dict: .safetensors (no PyTorch needed) or .pth / .pt")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
     state = read_state_dict(args.weights)
     result = convert(args.source, state, origin=str(args.weights))
     path = save(out, result.model, result.overrides, result.variables,
-                source=result.source, config=result.config,
+                source=result.source, config=result.config, convention=result.input,
                 overwrite=args.overwrite)
     o = result.overrides
     flags = " ".join(f"--config.model.{k}={o[k]}" for k in LAYOUT_FLAGS if k in o)

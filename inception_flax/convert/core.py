@@ -6,6 +6,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from inception_flax.convert import inputs
 from inception_flax.convert.reader import ConversionError
 from inception_flax.convert.sources import LEAVES, SOURCES, Entry, Source
 
@@ -19,6 +20,7 @@ class Converted(NamedTuple):
     variables: dict[str, Any]    # {"params": ..., "batch_stats": ...} of numpy float32
     source: str
     config: str
+    input: dict[str, Any] | None = None  # the source's input convention (convert/inputs.py)
 
 
 class Rule(NamedTuple):
@@ -30,10 +32,16 @@ class Rule(NamedTuple):
 
 
 def get_source(key: str) -> Source:
-    if key not in SOURCES:
+    """The source of `key`, which may name a timm weight tag (`timm:inception_v3.tf_in1k`)."""
+    base, _ = inputs.split_source(key)
+    if base not in SOURCES:
         raise ConversionError(
             f"unknown source {key!r}: known sources are {', '.join(SOURCES)}")
-    return SOURCES[key]
+    try:
+        inputs.convention(key)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    return SOURCES[base]
 
 
 def rules(entries: list[Entry]) -> list[Rule]:
@@ -130,6 +138,7 @@ def convert(source_key: str, state: Mapping[str, Any], origin: str = "the file")
     tensor; `num_batches_tracked` counters are ignored.
     """
     source = get_source(source_key)
+    tagged_key, source_key = source_key, source.key
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
     aux = has_aux(source, state)
     num_classes = num_classes_of(source, state) or 1000
@@ -191,4 +200,5 @@ def convert(source_key: str, state: Mapping[str, Any], origin: str = "the file")
                               f"{source.model} unset: {_listed(unfilled)}")
     from flax.traverse_util import unflatten_dict
 
-    return Converted(source.model, overrides, unflatten_dict(flat), source_key, source.config)
+    return Converted(source.model, overrides, unflatten_dict(flat), source_key, source.config,
+                     inputs.convention(tagged_key))

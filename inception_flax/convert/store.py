@@ -1,7 +1,8 @@
 """The converted-weights directory: `model.json` + an orbax checkpoint of the variables.
 
     DIR/model.json   {"model": registry name, "overrides": create_model kwargs,
-                      "source": where the weights came from, "config": configs/<...>.py}
+                      "source": where the weights came from, "config": configs/<...>.py,
+                      "input": the source's input convention (convert/inputs.py), if known}
     DIR/variables/   orbax StandardCheckpointer: {"params": ..., "batch_stats": ...},
                      numpy float32
 
@@ -44,7 +45,8 @@ def _numpy_tree(tree: Any) -> Any:
 
 def save(directory: str | os.PathLike, name: str, overrides: Mapping[str, Any],
          variables: Mapping[str, Any], *, source: str | None = None,
-         config: str | None = None, overwrite: bool = False) -> Path:
+         config: str | None = None, convention: Mapping[str, Any] | None = None,
+         overwrite: bool = False) -> Path:
     """Write `variables` ({"params", "batch_stats"}) of `create_model(name, **overrides)`.
 
     Returns the directory. Refuses an existing `directory` unless `overwrite`.
@@ -56,6 +58,8 @@ def save(directory: str | os.PathLike, name: str, overrides: Mapping[str, Any],
     models.check_overrides(name, overrides)
     meta = {"model": name, "overrides": overrides, "source": source,
             "config": config or default_config(name)}
+    if convention is not None:
+        meta["input"] = dict(convention)
     try:
         meta_text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     except TypeError as e:

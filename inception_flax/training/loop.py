@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from inception_flax import checkpoint as ckpt_lib
+from inception_flax import inference
 from inception_flax.data import sharding
 from inception_flax.training import state as state_lib
 from inception_flax.training.checks import NonFiniteError
@@ -183,6 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
     if start == 0 and jax.process_index() == 0:
         _write_run_description(config, workdir, state.params)
+    if jax.process_index() == 0:  # what predict.py and export need: no config file, no data
+        inference.record_run(workdir, config, s.num_classes)
 
     train_step = make_train_step(s.model, s.tx, s.schedule, config, mesh, state)
     eval_step = make_eval_step(s.model, mesh)
