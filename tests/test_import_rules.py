@@ -20,7 +20,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ROOT / "inception_flax" / "models"
-ENTRY_SCRIPTS = ("train.py", "eval.py", "benchmark.py", "sweep.py")
+ENTRY_SCRIPTS = ("train.py", "eval.py", "benchmark.py", "sweep.py", "predict.py")
 
 
 def imported_modules(source: str, package: str) -> set[str]:
