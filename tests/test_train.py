@@ -245,9 +245,10 @@ def test_bfloat16_training_lowers_the_loss_and_counts_skipped_images(tmp_path):
     assert sorted(loss) == list(range(1, BF16_STEPS + 1))
     first = np.mean([loss[s][0] for s in range(1, 5)])
     last = np.mean([loss[s][0] for s in range(BF16_STEPS - 3, BF16_STEPS + 1)])
-    assert last < 0.5 * first, (first, last, loss)  # ln(2) = 0.69 at the start
-    skipped = runs.logged(workdir, "train/skipped_images")
-    assert skipped[BF16_STEPS][0] >= 1, skipped  # the corrupt file, once per epoch read
+    skipped = runs.logged(workdir, "train/skipped_images")[BF16_STEPS][0]
+    failures = ([f"the loss went from {first:.3f} to {last:.3f}"] if last >= 0.5 * first else []
+                ) + ([f"{skipped} skipped images"] if skipped < 1 else [])  # once per epoch
+    assert not failures, failures  # ln(2) = 0.69 at the start
 
 
 def test_the_step_averages_the_devices_gradients():
