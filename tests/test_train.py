@@ -137,8 +137,9 @@ def texts(workdir: str) -> dict[str, str]:
     """The Text summaries of a run, by tag."""
     acc = plugin_event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
     acc.Reload()
+    tags = acc.PluginTagToContent("text") if "text" in acc.ActivePlugins() else {}
     return {tag: tf.make_ndarray(acc.Tensors(tag)[0].tensor_proto).item().decode()
-            for tag in acc.PluginTagToContent("text")}
+            for tag in tags}
 
 
 @pytest.mark.xdist_group("digits_run")
@@ -167,6 +168,7 @@ def test_digits_run_logs_checkpoints_and_describes_itself(digits_run):
     with open(os.path.join(workdir, "run.json")) as f:
         assert json.load(f)["model"] == "inception_v1"
     described = texts(workdir)
+    assert {"config", "parameters"} <= set(described), sorted(described)
     assert "name: inception_v1" in described["config"]
     assert "depth_multiplier: 0.25" in described["config"]
     table = described["parameters"]
