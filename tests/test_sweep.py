@@ -203,9 +203,10 @@ def tiny_sweep(tmp_path_factory):
     assert stopped.wait(timeout=300) == 128 + signal.SIGTERM, stopped.output()[-3000:]
     with open(os.path.join(first, "train.log")) as f:
         interrupted = f.read()
+    last_checkpoint = train_runs.checkpoint_steps(first)[-1]
     out = sweep_py(workdir)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return workdir, out.stdout, interrupted
+    return workdir, out.stdout, (interrupted, last_checkpoint)
 
 
 def _multiplexer(workdir: str):
@@ -274,11 +275,13 @@ def test_results_table_has_a_row_per_run(tiny_sweep):
 
 @pytest.mark.xdist_group("sweep")
 def test_an_interrupted_sweep_resumes_and_logs_each_step_once(tiny_sweep):
-    workdir, stdout, interrupted = tiny_sweep
+    workdir, stdout, (interrupted, last_checkpoint) = tiny_sweep
     names = list(RUNS)
     # SIGTERM reached the trainer, which checkpointed where it was and exited.
-    (step,) = map(int, re.findall(r"preempted: checkpoint written at step (\d+)", interrupted))
-    assert CHECKPOINT_EVERY < step < NUM_STEPS
+    steps = re.findall(r"preempted: checkpoint written at step (\d+)", interrupted)
+    assert len(steps) == 1, interrupted[-3000:]
+    step = int(steps[0])
+    assert CHECKPOINT_EVERY < step < NUM_STEPS and last_checkpoint == step
     assert f"[1/2] {names[0]}: resumes from step {step} of {NUM_STEPS}: training" in stdout
     assert f"[2/2] {names[1]}: new: training" in stdout
     for name in names:
