@@ -143,6 +143,7 @@ def digits_config(**fields):
         "model.layout": "torchvision", **fields})
 
 
+@pytest.mark.xdist_group("finetune")  # shares the converted weights
 def test_full_width_weights_on_the_quarter_width_preset_advise_the_width(converted, tmp_path):
     config = digits_config(init_from=converted[0])  # the preset's depth_multiplier: 0.25
     with pytest.raises(checks.ConfigError) as error:
