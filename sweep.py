@@ -27,6 +27,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from inception_flax import cli
 from inception_flax import sweep as sweep_lib
 from inception_flax import sweep_results
 
@@ -215,4 +216,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)  # a bad --config.FIELD: one line

@@ -69,6 +69,18 @@ def env(devices: int | None = None, *xla_flags: str) -> dict[str, str]:
     return e
 
 
+def user_env() -> dict[str, str]:
+    """This session's environment in a user's setting: the machine's one CPU device and
+    XLA's default optimisation level (the test-wide flags of conftest.py removed); the
+    compilation caches are kept."""
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = " ".join(
+        f for f in e.get("XLA_FLAGS", "").split()
+        if "xla_force_host_platform_device_count" not in f
+        and "xla_backend_optimization_level" not in f)
+    return e
+
+
 class Run:
     """A train.py subprocess writing its output to a file (a full pipe would block it)."""
 

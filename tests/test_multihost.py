@@ -26,6 +26,9 @@ SETTINGS = {"batch_size": 16, "eval_batch_size": 16, "dataset.input_shards": 2}
 # moves its gradients by ~3%), and the two sides' cross-device sums add in
 # different orders; float32 runs agree on the first loss, then part by ~1e-3.
 FLOAT64 = {"model.dtype": "float64"}
+# The bound README's Faults table states (2.4e-11 and 9.4e-11 measured), against 0.013
+# of movement.
+BOUND = 1e-9
 
 
 def free_port() -> int:
@@ -61,14 +64,15 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
     params = [k for k in a if k.startswith("['params']")]
     assert params and a.keys() == b.keys() and a[params[0]].dtype == np.float64
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in params)
-    assert worst <= 1e-5, worst
+    assert worst <= BOUND, worst
     first = runs.read_state(single, 1)
     moved = max(float(np.max(np.abs(b[k] - first[k]))) for k in params)
-    assert moved >= 100 * 1e-5, moved  # steps 2 and 3 moved the parameters far beyond it
+    assert moved >= 1e6 * BOUND, moved  # steps 2 and 3 moved the parameters far beyond it
     # Only process 0 writes TensorBoard events; each process saved its input position.
     assert sorted(runs.logged(multi, "train/loss")) == [1, 2, 3]
     names = os.listdir(os.path.join(multi, "input_state", str(STEPS)))
     assert {n.split(".")[0] for n in names} == {"process_0", "process_1"}
+
 
 @pytest.mark.xdist_group("multihost")
 def test_sigterm_to_one_process_checkpoints_all_at_the_same_step(tmp_path):

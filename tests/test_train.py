@@ -1,4 +1,6 @@
-"""The trainer: configs, checks before compile, every variant's step, resume, eval, init_from."""
+"""The trainer: configs, checks before compile, every variant's step; that it learns, in the
+user's setting (one train.py run: one device, XLA's default optimisation) and in bfloat16;
+logs, checkpoints, resume and eval.py on that run. Fine-tuning: tests/test_finetune.py."""
 
 import glob
 import importlib
@@ -8,17 +10,19 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 
-from inception_flax import pretrained
-from inception_flax.training import checks, loop, mesh, state, step
+from inception_flax.training import checks, loop, mesh, step
 from inception_flax.training import setup as setup_lib
 from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.environ["TFDS_DATA_DIR"]
+BF16_STEPS = 20
 NETWORKS = ["inception_v1", "bn_inception", "inception_v2", "inception_v3", "inception_v4",
             "inception_resnet_v1", "inception_resnet_v2"]
 
@@ -104,69 +108,149 @@ def test_each_variant_trains_on_mock_imagenet(tmp_path, network):
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
 
 
+# ----------------------------------------------------------------------------
+# It learns, in the user's setting: one train.py run of GoogLeNet on the digits
+# ----------------------------------------------------------------------------
+
+USER_STEPS = 132  # 3 epochs of the digits at batch 32
+USER_CONFIG = os.path.join(ROOT, "configs", "inception_v1.py") + ":digits"
+
+
+def user_train_command(workdir: str, steps: int) -> list[str]:
+    """The digits preset of GoogLeNet (quarter width, 64 px, batch 32), logging every step."""
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={USER_CONFIG}",
+            f"--workdir={workdir}", f"--config.num_train_steps={steps}",
+            "--config.log_every_steps=1", "--config.checkpoint_every_steps=66",
+            "--config.eval_every_steps=66", f"--config.dataset.data_dir={DATA_DIR}"]
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    """4 steps on the embedded digits, checkpoint every 2, on the 2 test devices."""
+    """`train.py` as a user runs it: one CPU device, XLA's default optimisation level."""
     workdir = str(tmp_path_factory.mktemp("digits"))
-    config = tiny(load_config("inception_resnet_v2", "digits"), num_train_steps=4,
-                  eval_every_steps=4, num_eval_steps=-1)
-    config.dataset.data_dir = os.environ["TFDS_DATA_DIR"]
-    config.log_input_images = True
-    result = loop.train_and_evaluate(config, workdir)
-    return config, workdir, result
+    run = runs.Run(user_train_command(workdir, USER_STEPS), os.path.join(workdir, "..", "log"),
+                   runs.user_env())
+    return workdir, run.wait_ok(timeout=900)
+
+
+def texts(workdir: str) -> dict[str, str]:
+    """The Text summaries of a run, by tag."""
+    acc = plugin_event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = acc.PluginTagToContent("text") if "text" in acc.ActivePlugins() else {}
+    return {tag: tf.make_ndarray(acc.Tensors(tag)[0].tensor_proto).item().decode()
+            for tag in tags}
 
 
 @pytest.mark.xdist_group("digits_run")
-def test_digits_run_logs_checkpoints_and_evaluates(digits_run):
-    config, workdir, result = digits_run
-    assert jax.device_count() == 2
-    assert result["examples"] == 360  # the whole test split, each example once
-    logged = scalars(workdir)
+def test_digits_run_learns_in_the_users_setting(digits_run):
+    workdir, output = digits_run
+    assert "process 0 of 1, 1 devices" in output
+    loss = runs.logged(workdir, "train/main_loss")
+    assert sorted(loss) == list(range(1, USER_STEPS + 1))
+    first = np.mean([loss[s][0] for s in range(1, 12)])
+    last = np.mean([loss[s][0] for s in range(USER_STEPS - 10, USER_STEPS + 1)])
+    assert last < 0.5 * first, (first, last)  # ln(10) = 2.30 at the start
+    top1 = runs.logged(workdir, "eval/top1")
+    assert sorted(top1) == [66, USER_STEPS]
+    assert top1[USER_STEPS][0] >= 0.6, top1  # chance: 0.1; 0.92-0.95 measured
+
+
+@pytest.mark.xdist_group("digits_run")
+def test_digits_run_logs_checkpoints_and_describes_itself(digits_run):
+    workdir, _ = digits_run
     for tag in ("train/loss", "train/main_loss", "train/aux_loss", "train/top1",
                 "train/learning_rate", "train/grad_norm", "train/images_per_sec",
-                "train/steps_per_sec", "eval/top1", "eval/top5"):
-        assert tag in logged, tag
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+                "train/steps_per_sec", "train/skipped_images", "eval/top1", "eval/top5",
+                "eval/loss"):
+        assert runs.logged(workdir, tag), tag
+    assert runs.checkpoint_steps(workdir) == [66, USER_STEPS]
     with open(os.path.join(workdir, "run.json")) as f:
-        assert json.load(f)["model"] == "inception_resnet_v2"
+        assert json.load(f)["model"] == "inception_v1"
+    described = texts(workdir)
+    assert {"config", "parameters"} <= set(described), sorted(described)
+    assert "name: inception_v1" in described["config"]
+    assert "depth_multiplier: 0.25" in described["config"]
+    table = described["parameters"]
+    assert "Conv2d_1_7x7" in table and "AuxLogits_4a" in table and "Total" in table
+    acc = plugin_event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "train/input_images" in acc.PluginTagToContent("images")
 
 
 @pytest.mark.xdist_group("digits_run")
-def test_rerun_resumes_and_continues_the_step_counter(digits_run, tmp_path):
-    config, workdir, _ = digits_run
-    config = config.copy_and_resolve_references()
-    config.num_train_steps = 6
-    loop.train_and_evaluate(config, workdir)
-    steps = [s for s, _ in scalars(workdir)["train/loss"]]
-    assert steps == [1, 2, 3, 4, 5, 6]  # no gap, no repeat
-    assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
-
-
-@pytest.mark.xdist_group("digits_run")
-def test_eval_py_reports_top1_and_fine_tuning_resets_heads(digits_run, tmp_path):
-    config, workdir, _ = digits_run
-    env = dict(os.environ)
-    cmd = [sys.executable, os.path.join(ROOT, "eval.py"),
-           "--config=" + os.path.join(ROOT, "configs/inception_resnet_v2.py:digits"),
-           f"--workdir={workdir}", "--config.model.depth_multiplier=0.25",
-           f"--config.dataset.data_dir={config.dataset.data_dir}", "--config.eval_batch_size=4"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+def test_eval_py_reports_the_runs_top1_from_its_moving_average(digits_run):
+    workdir, _ = digits_run
+    state = runs.read_state(workdir, runs.checkpoint_steps(workdir)[-1])
+    ema = [k for k in state if k.startswith("['ema_params']")]
+    assert ema and any(not np.array_equal(state[k], state[k.replace("ema_params", "params")])
+                       for k in ema)
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={USER_CONFIG}",
+           f"--workdir={workdir}", f"--config.dataset.data_dir={DATA_DIR}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=runs.user_env(), cwd=ROOT,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["examples"] == 360 and 0.0 <= result["top1"] <= 1.0
+    step = result["step"]
+    assert result["examples"] == 360  # the whole test split, each example once
+    # The training loop evaluated the moving average at that step: the same figures.
+    assert result["top1"] == pytest.approx(runs.logged(workdir, "eval/top1")[step][0], abs=1e-6)
+    assert result["loss"] == pytest.approx(runs.logged(workdir, "eval/loss")[step][0], rel=1e-4)
+    assert runs.logged(os.path.join(workdir, "eval"), "eval/top1") == {
+        step: [pytest.approx(result["top1"], abs=1e-6)]}
 
-    source = pretrained.restore_variables(workdir)
-    target = state.init_variables(
-        setup_lib.create_model(config, num_classes=5), jax.random.key_data(jax.random.key(1)),
-        config.image_size)
-    merged, reset = pretrained.merge_pretrained(dict(target), source)
-    assert reset == ["AuxLogits", "Logits"]
-    assert merged["params"]["Logits"]["kernel"].shape[-1] == 5
-    stem = ("Stem", "Conv2d_1a_3x3", "conv", "kernel")
-    a, b = merged["params"], source["params"]
-    for k in stem:
-        a, b = a[k], b[k]
-    assert (a == b).all()
+
+@pytest.mark.xdist_group("digits_run")
+def test_rerun_resumes_and_continues_the_step_counter(digits_run):
+    workdir, _ = digits_run
+    runs.Run(user_train_command(workdir, USER_STEPS + 2), os.path.join(workdir, "..", "log2"),
+             runs.user_env()).wait_ok(timeout=600)
+    loss = runs.logged(workdir, "train/loss")
+    assert sorted(loss) == list(range(1, USER_STEPS + 3))  # no gap
+    assert all(len(v) == 1 for v in loss.values())  # no repeat
+    assert runs.checkpoint_steps(workdir)[-1] == USER_STEPS + 2
+
+
+# ----------------------------------------------------------------------------
+# bfloat16, on a folder of JPEGs with a corrupt one
+# ----------------------------------------------------------------------------
+
+def write_digit_jpegs(root: str, count: int) -> str:
+    """`count` images of the digits 0 and 1 as JPEGs in root/train/<digit>/, and one file
+    that is no JPEG."""
+    from sklearn import datasets as sk_datasets
+
+    from inception_flax.data import digits
+
+    data = sk_datasets.load_digits(n_class=2)
+    for i in range(count):
+        label_dir = os.path.join(root, "train", str(data.target[i]))
+        os.makedirs(label_dir, exist_ok=True)
+        tf.io.write_file(os.path.join(label_dir, f"{i}.jpg"),
+                         tf.io.encode_jpeg(digits.to_rgb_uint8(data.images[i])))
+    with open(os.path.join(root, "train", "1", "corrupt.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 no image here" * 4)
+    return root
+
+
+def test_bfloat16_training_lowers_the_loss_and_counts_skipped_images(tmp_path):
+    root = write_digit_jpegs(str(tmp_path / "jpegs"), 160)
+    config = tiny(load_config("inception_v1", "digits"), num_train_steps=BF16_STEPS,
+                  batch_size=16, image_size=32, warmup_epochs=0.0, learning_rate=0.05,
+                  checkpoint_every_steps=100,
+                  num_eval_steps=1, log_input_images=False, **{
+                      "model.dtype": "bfloat16", "dataset.name": f"folder:{root}",
+                      "dataset.eval_split": "train", "dataset.prepare": False})
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    loss = runs.logged(workdir, "train/main_loss")
+    assert sorted(loss) == list(range(1, BF16_STEPS + 1))
+    first = np.mean([loss[s][0] for s in range(1, 5)])
+    last = np.mean([loss[s][0] for s in range(BF16_STEPS - 3, BF16_STEPS + 1)])
+    skipped = runs.logged(workdir, "train/skipped_images")[BF16_STEPS][0]
+    failures = ([f"the loss went from {first:.3f} to {last:.3f}"] if last >= 0.5 * first else []
+                ) + ([f"{skipped} skipped images"] if skipped < 1 else [])  # once per epoch
+    assert not failures, failures  # ln(2) = 0.69 at the start
 
 
 def test_the_step_averages_the_devices_gradients():

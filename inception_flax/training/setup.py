@@ -122,10 +122,9 @@ def _initial_state(config: ml_collections.ConfigDict, model: models.InceptionNet
     if config.init_from:  # shapes checked before anything compiles
         try:
             source = pretrained.restore_variables(config.init_from)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"init_from={config.init_from!r}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                              ) from None
+        except (FileNotFoundError, ValueError) as e:  # one line naming init_from
+            raise ConfigError(str(e).splitlines()[0] if str(e) else
+                              f"init_from={config.init_from}: {type(e).__name__}") from None
         _merge(jax.eval_shape(lambda: model.init(
             jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size, 3)),
             train=False)), source)
