@@ -28,6 +28,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def restore_on_host(item: str) -> Any:
+    """A saved orbax item (e.g. `checkpoints/<step>/default`) as numpy arrays.
+
+    Restoring into host arrays built from the item's own metadata reads a
+    checkpoint whatever the device count or topology that wrote it (orbax refuses
+    to restore its saved shardings onto another one).
+    """
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(item)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        return ckptr.restore(item, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
+
+
 class RunMismatchError(ValueError):
     """The workdir holds another run (`run.json` differs): resuming would mix the two."""
 

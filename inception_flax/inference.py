@@ -202,23 +202,18 @@ def _load_run(path: str, config) -> Network:
 
 def _restore_newest(root: str, steps: list[int]) -> tuple[int, dict]:
     """(step, state) of the newest readable checkpoint, as numpy arrays on the host."""
-    import jax
-    import orbax.checkpoint as ocp
     from absl import logging
 
+    from inception_flax import checkpoint
+
     errors = []
-    with ocp.StandardCheckpointer() as ckptr:
-        for step in steps:
-            item = os.path.join(os.path.abspath(root), str(step), "default")
-            try:
-                meta = ckptr.metadata(item)
-                tree = getattr(meta, "item_metadata", meta)
-                tree = getattr(tree, "tree", tree)
-                target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-                return step, ckptr.restore(item, target)
-            except Exception as e:  # noqa: BLE001 - truncated or corrupt: the previous one
-                errors.append(f"{step}: {str(e).splitlines()[0][:200] if str(e) else e!r}")
-                logging.warning("checkpoint %s is unreadable (%s)", item, errors[-1])
+    for step in steps:
+        item = os.path.join(os.path.abspath(root), str(step), "default")
+        try:
+            return step, checkpoint.restore_on_host(item)
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt: the previous one
+            errors.append(f"{step}: {str(e).splitlines()[0][:200] if str(e) else e!r}")
+            logging.warning("checkpoint %s is unreadable (%s)", item, errors[-1])
     raise InputError(f"--checkpoint={os.path.dirname(root)}: no checkpoint can be read "
                      f"({'; '.join(errors)})")
 

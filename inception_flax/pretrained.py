@@ -16,6 +16,8 @@ import flax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from inception_flax import checkpoint
+
 # The classifier heads: re-initialised as a whole, not refused, when any of their
 # weights does not fit (TF-slim's fine-tuning excludes these scopes the same way).
 HEAD_MODULES = ("Logits", "AuxLogits", "AuxLogits_4a", "AuxLogits_4d")
@@ -46,14 +48,16 @@ def restore_variables(path: str) -> dict[str, Any]:
             f"init_from={path} is neither converted weights (model.json) nor a run's workdir "
             "(checkpoints/)")
     with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                state = manager.restore(step, args=ocp.args.StandardRestore())
-                break
-            except Exception as e:  # noqa: BLE001
-                logging.warning("checkpoint %d in %s is unreadable (%s)", step, path, e)
-        else:
-            raise FileNotFoundError(f"init_from={path}: no readable checkpoint")
+        steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:  # on the host: any device count may have written them
+        try:
+            state = checkpoint.restore_on_host(
+                os.path.join(os.path.abspath(ckpt_dir), str(step), "default"))
+            break
+        except Exception as e:  # noqa: BLE001
+            logging.warning("checkpoint %d in %s is unreadable (%s)", step, path, e)
+    else:
+        raise FileNotFoundError(f"init_from={path}: no readable checkpoint")
     params = state.get("ema_params") or state["params"]
     identity = {}
     if os.path.exists(os.path.join(path, "run.json")):
