@@ -43,7 +43,8 @@ def main(jobs_path, out_path):
     with open(jobs_path) as f:
         jobs = json.load(f)
     results = {}
-    for job in jobs:
+    # SavedModels first, before this process uses jax.export itself, as a server would.
+    for job in sorted(jobs, key=lambda j: j["format"] != "savedmodel"):
         {"stablehlo": reload_stablehlo, "savedmodel": reload_savedmodel}[job["format"]](
             job, results)
     assert not any(m.startswith("inception_flax") for m in sys.modules), "package imported"
