@@ -49,7 +49,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(four_steps, tmp_pa
     workdir = str(tmp_path / "run")
     shutil.copytree(four_steps, workdir)
     damage(workdir, 4, how)
-    with caplog.at_level(logging.INFO):
+    # absl's own logger: another test in this worker may have lowered absl's verbosity.
+    with caplog.at_level(logging.INFO, logger="absl"):
         loop.train_and_evaluate(runs.config(6, 2), workdir)
     assert "checkpoint 4 is unreadable or corrupt" in caplog.text
     assert "resumed from step 2" in caplog.text
