@@ -42,6 +42,25 @@ def restore_on_host(item: str) -> Any:
         return ckptr.restore(item, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
 
 
+def restore_newest_on_host(ckpt_dir: str) -> tuple[int, Any]:
+    """(step, state) of the newest checkpoint in `ckpt_dir` that can be read, on the host
+    (`restore_on_host`), trying older steps when a newer one cannot be read.
+
+    Raises FileNotFoundError with each step's reason (one line) when none can.
+    """
+    steps = sorted((int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
+                    if n.isdigit()), reverse=True)
+    errors = []
+    for step in steps:
+        item = os.path.join(os.path.abspath(ckpt_dir), str(step), "default")
+        try:
+            return step, restore_on_host(item)
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt: the previous one
+            errors.append(f"{step}: {str(e).splitlines()[0][:200] if str(e) else e!r}")
+            logging.warning("checkpoint %s is unreadable (%s)", item, errors[-1])
+    raise FileNotFoundError("; ".join(errors) or f"no checkpoint in {ckpt_dir}")
+
+
 class RunMismatchError(ValueError):
     """The workdir holds another run (`run.json` differs): resuming would mix the two."""
 

@@ -60,24 +60,12 @@ class Failure(NamedTuple):
 # Recording a run (train.py, at its start) and loading either kind of directory
 # ----------------------------------------------------------------------------
 
-def dataset_labels(config) -> list[str] | None:
-    """The dataset's class names (TFDS `ClassLabel` names, or a folder dataset's
-    class folders), or None when the dataset does not state them."""
-    from inception_flax.data import pipeline
-    try:
-        names = pipeline.get_builder(config.dataset.name, config.dataset.data_dir
-                                     ).info.features["label"].names
-    except Exception:  # noqa: BLE001 - no label feature, no names: numbered classes
-        return None
-    return [str(n) for n in names] or None
-
-
-def record_run(workdir: str, config, num_classes: int) -> None:
-    """Write the run's config and class names into its workdir, so that `load`
-    needs neither the config file nor the dataset."""
+def record_run(workdir: str, config, num_classes: int,
+               labels: "list[str] | tuple[str, ...] | None" = None) -> None:
+    """Write the run's config and its classes' names (the dataset's, `DataInfo.label_names`)
+    into its workdir, so that `load` needs neither the config file nor the dataset."""
     os.makedirs(workdir, exist_ok=True)
     _write(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2) + "\n")
-    labels = dataset_labels(config)
     if labels is not None and len(labels) == num_classes:
         _write(os.path.join(workdir, LABELS_FILE), "".join(f"{n}\n" for n in labels))
 
@@ -160,13 +148,11 @@ def _host(tree: Any) -> Any:
 def _load_run(path: str, config) -> Network:
     import ml_collections
 
-    from inception_flax import models
+    from inception_flax import checkpoint, models
     from inception_flax.training import checks
 
     root = os.path.join(path, "checkpoints")
-    steps = sorted((int(n) for n in (os.listdir(root) if os.path.isdir(root) else ())
-                    if n.isdigit()), reverse=True)
-    if not steps:
+    if not any(n.isdigit() for n in (os.listdir(root) if os.path.isdir(root) else ())):
         raise InputError(
             f"--checkpoint={path} holds no weights: neither converted weights (model.json) "
             "nor a run's workdir with a checkpoint (checkpoints/<step>/); give the directory "
@@ -190,7 +176,10 @@ def _load_run(path: str, config) -> Network:
     overrides = checks.model_overrides(config, num_classes)
     overrides.pop("axis_name", None)  # inference: running statistics, no batch statistics
     model = models.create_model(name, **overrides)
-    step, state = _restore_newest(root, steps)
+    try:
+        step, state = checkpoint.restore_newest_on_host(root)
+    except FileNotFoundError as e:
+        raise InputError(f"--checkpoint={path}: no checkpoint can be read ({e})") from None
     ema = state.get("ema_params") is not None
     variables = {"params": state["ema_params"] if ema else state["params"],
                  "batch_stats": state.get("batch_stats") or {}}
@@ -198,24 +187,6 @@ def _load_run(path: str, config) -> Network:
     spec = InputSpec(image_size=int(config.image_size),
                      central_fraction=float(config.dataset.central_fraction))
     return Network(name, model, variables, labels or _numbered(num_classes), spec, step, ema)
-
-
-def _restore_newest(root: str, steps: list[int]) -> tuple[int, dict]:
-    """(step, state) of the newest readable checkpoint, as numpy arrays on the host."""
-    from absl import logging
-
-    from inception_flax import checkpoint
-
-    errors = []
-    for step in steps:
-        item = os.path.join(os.path.abspath(root), str(step), "default")
-        try:
-            return step, checkpoint.restore_on_host(item)
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt: the previous one
-            errors.append(f"{step}: {str(e).splitlines()[0][:200] if str(e) else e!r}")
-            logging.warning("checkpoint %s is unreadable (%s)", item, errors[-1])
-    raise InputError(f"--checkpoint={os.path.dirname(root)}: no checkpoint can be read "
-                     f"({'; '.join(errors)})")
 
 
 # ----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any
 
-from absl import logging
 import flax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -47,17 +46,10 @@ def restore_variables(path: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"init_from={path} is neither converted weights (model.json) nor a run's workdir "
             "(checkpoints/)")
-    with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
-        steps = sorted(manager.all_steps(), reverse=True)
-    for step in steps:  # on the host: any device count may have written them
-        try:
-            state = checkpoint.restore_on_host(
-                os.path.join(os.path.abspath(ckpt_dir), str(step), "default"))
-            break
-        except Exception as e:  # noqa: BLE001
-            logging.warning("checkpoint %d in %s is unreadable (%s)", step, path, e)
-    else:
-        raise FileNotFoundError(f"init_from={path}: no readable checkpoint")
+    try:  # on the host: any device count may have written them
+        step, state = checkpoint.restore_newest_on_host(ckpt_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"init_from={path}: no readable checkpoint") from None
     params = state.get("ema_params") or state["params"]
     identity = {}
     if os.path.exists(os.path.join(path, "run.json")):

@@ -22,6 +22,7 @@ class DataInfo:
     num_classes: int
     train_examples: int | None
     eval_examples: int | None
+    label_names: tuple[str, ...] | None = None  # the classes' names, where the dataset has them
 
 
 def data_info(config: ml_collections.ConfigDict) -> DataInfo:
@@ -66,7 +67,18 @@ def data_info(config: ml_collections.ConfigDict) -> DataInfo:
         num_classes=num_classes,
         train_examples=pipeline.num_examples(d.name, d.train_split, d.data_dir),
         eval_examples=pipeline.num_examples(d.name, d.eval_split, d.data_dir),
+        label_names=label_names(builder),
     )
+
+
+def label_names(builder) -> tuple[str, ...] | None:
+    """The names of a dataset's classes (a TFDS `ClassLabel`'s, or a folder dataset's
+    class folders); None when it does not state them."""
+    try:
+        names = builder.info.features["label"].names
+    except Exception:  # noqa: BLE001 - no label feature, no names: numbered classes
+        return None
+    return tuple(str(n) for n in names) or None
 
 
 def searched_dir(builder, data_dir: str | None) -> str | None:

@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start == 0 and jax.process_index() == 0:
         _write_run_description(config, workdir, state.params)
     if jax.process_index() == 0:  # what predict.py and export need: no config file, no data
-        inference.record_run(workdir, config, s.num_classes)
+        inference.record_run(workdir, config, s.num_classes, s.info and s.info.label_names)
 
     train_step = make_train_step(s.model, s.tx, s.schedule, config, mesh, state)
     eval_step = make_eval_step(s.model, mesh)
