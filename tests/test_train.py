@@ -2,6 +2,7 @@
 user's setting (one train.py run: one device, XLA's default optimisation) and in bfloat16;
 logs, checkpoints, resume and eval.py on that run. Fine-tuning: tests/test_finetune.py."""
 
+import glob
 import importlib
 import json
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorboard.backend.event_processing import plugin_event_accumulator
+from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 
 from inception_flax.training import checks, loop, mesh, step
 from inception_flax.training import setup as setup_lib
@@ -40,6 +41,19 @@ def tiny(config, **overrides):
     config.eval_every_steps = 1000
     config.log_input_images = False
     return runs.override(config, overrides)
+
+
+def scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list] = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+        acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            for e in acc.Tensors(tag):
+                value = tf.make_ndarray(e.tensor_proto)
+                if value.ndim == 0 and value.dtype.kind == "f":
+                    out.setdefault(tag, []).append((e.step, float(value)))
+    return out
 
 
 @pytest.mark.parametrize("network", NETWORKS)
